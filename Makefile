@@ -10,7 +10,7 @@ TORCH  ?= torch
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.sdlearn-installed
 
-.PHONY: lab test install demo clean-venv
+.PHONY: lab test install equivalence clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The equivalence figures quoted in README: each comparison with diffusers/transformers prints its max |diff|.
+equivalence: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s tests/test_clip.py tests/test_vae.py tests/test_unet.py \
+		tests/test_pipeline.py tests/test_samplers.py | grep -iE "max ?(abs|\|diff|\|Δ)"
