@@ -1,5 +1,6 @@
 """Seed walks (slerp of the initial noise) and prompt walks (interpolated conditioning), saved as GIF/MP4."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -28,8 +29,8 @@ def test_seed_walk_starts_and_ends_on_the_seeds(pipe):
     assert len(frames) == 4 and all(f.size == (64, 64) for f in frames)
     first = pipe.txt2img("a red circle", seed=3, steps=3, sampler="DPM++ 2M Karras", progress=False).images[0]
     last = pipe.txt2img("a red circle", seed=4, steps=3, sampler="DPM++ 2M Karras", progress=False).images[0]
-    assert list(frames[0].getdata()) == list(first.getdata())
-    assert list(frames[-1].getdata()) == list(last.getdata())
+    assert np.array_equal(np.asarray(frames[0]), np.asarray(first))
+    assert np.array_equal(np.asarray(frames[-1]), np.asarray(last))
 
 
 def test_prompt_walk_ends_on_the_prompts(pipe):
@@ -37,8 +38,8 @@ def test_prompt_walk_ends_on_the_prompts(pipe):
     start = pipe.txt2img("a red circle", seed=1, steps=3, sampler="DPM++ 2M Karras", progress=False).images[0]
     end = pipe.txt2img("a blue square", seed=1, steps=3, sampler="DPM++ 2M Karras", progress=False).images[0]
     assert len(frames) == 3
-    assert list(frames[0].getdata()) == list(start.getdata())
-    assert list(frames[-1].getdata()) == list(end.getdata())
+    assert np.array_equal(np.asarray(frames[0]), np.asarray(start))
+    assert np.array_equal(np.asarray(frames[-1]), np.asarray(end))
 
 
 def test_save_gif_and_mp4_never_overwrite(tmp_path):
