@@ -89,6 +89,15 @@ class Pipeline:
         return self
 
     @property
+    def model_name(self) -> str:
+        """What A1111 writes as "Model": the checkpoint's file name without extension ("TinySD" for tiny)."""
+        if self.info.get("model") == "TinySD":
+            return "TinySD"
+        from pathlib import Path
+
+        return Path(self.source).stem if self.source else ""
+
+    @property
     def vae_scale(self) -> int:
         """Pixels per latent pixel along each side: 8 for SD1.5 (three 2× downsamplings)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -432,7 +441,7 @@ class Pipeline:
     def _result(self, images, latents, prompt, negative_prompt, params) -> GenerationResult:
         prompt, negative_prompt = (p if isinstance(p, str) or p is None else "<context tensor>"
                                    for p in (prompt, negative_prompt))
-        infotexts = [infotext(prompt, negative_prompt, seed=s, model=self.info.get("name", self.source), **params)
+        infotexts = [infotext(prompt, negative_prompt, seed=s, model=self.model_name, **params)
                      for s in params["seeds"]]
         return GenerationResult(images, params["seeds"][0], list(params["seeds"]), infotexts, latents)
 
