@@ -23,8 +23,13 @@ install: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# Unit and equivalence tests, then every course notebook and exercise solution under nbval
+# (outputs compared cell by cell; cells marked NBVAL_IGNORE_OUTPUT hold images or timings).
+NOTEBOOKS = $(wildcard notebooks/*.ipynb)
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) exercises/make_exercises.py --check
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests --nbval exercises/solutions $(NOTEBOOKS)
 
 clean-venv:
 	rm -rf $(VENV)
