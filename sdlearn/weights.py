@@ -982,3 +982,38 @@ def load_pipeline(source, device=None, dtype=None, vae=None, use_ema: bool = Tru
     info.update(dtype=str(dtype).replace("torch.", ""), device=str(device), use_ema=use_ema)
     pipe = Pipeline(CLIPTokenizer(), text_encoder, unet, vae_model, source=source_str, info=info)
     return pipe.to(device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The course's SD1.5 cells: where are the learner's weights?
+# ---------------------------------------------------------------------------------------------
+
+SD15_ENV = "SDLEARN_SD15"  # a single-file checkpoint, a diffusers folder or a hub repo id
+
+
+def sd15_from_env(device=None, dtype=None, allow_cpu: bool = False):
+    """The learner's SD1.5 pipeline if the environment says where the weights are, else None.
+
+    Notebooks call this in their SD1.5 cells. Set the weights once, before starting JupyterLab:
+        export SDLEARN_SD15=~/ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors
+    (or a diffusers folder, or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5). A CUDA GPU
+    (or Apple MPS) is used in fp16; on a CPU a 512x512 image takes minutes, so CPU runs only with
+    allow_cpu=True. When something is missing this prints what is needed and returns None, so the
+    notebook still runs through on TinySD.
+    """
+    source = os.environ.get(SD15_ENV, "").strip()
+    if not source:
+        print(f"SD1.5 cell skipped: set the environment variable {SD15_ENV} to your SD1.5 weights (a .safetensors "
+              "from ComfyUI's models/checkpoints/ or A1111's models/Stable-diffusion/, a diffusers folder, or a hub "
+              "id like stable-diffusion-v1-5/stable-diffusion-v1-5) and restart JupyterLab. See README, "
+              "'Using your own SD1.5 weights'.")
+        return None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if torch.device(device).type == "cpu" and not allow_cpu:
+        print("SD1.5 cell skipped: no CUDA GPU (or Apple MPS) found. SD1.5 at 512x512 needs one to run in seconds; "
+              "install a CUDA build of torch (README, 'NVIDIA GPU').")
+        return None
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    return load_pipeline(os.path.expanduser(source), device=device, dtype=dtype)

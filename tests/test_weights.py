@@ -458,3 +458,16 @@ def test_schedule_buffers_are_checked(files, tmp_path):
     with pytest.warns(UserWarning, match="differs from SD1.5"):
         pipe = load_pipeline(_save(tmp_path, "linear.safetensors", sd))
     assert pipe.info["schedule"].startswith("differs")
+
+
+def test_sd15_from_env_says_what_is_missing(files, monkeypatch, capsys):
+    from sdlearn.weights import SD15_ENV, sd15_from_env
+
+    monkeypatch.delenv(SD15_ENV, raising=False)
+    assert sd15_from_env() is None
+    assert SD15_ENV in capsys.readouterr().out
+    monkeypatch.setenv(SD15_ENV, str(files["safetensors"]))
+    assert sd15_from_env(device="cpu") is None  # no GPU: skipped with a reason
+    assert "no CUDA GPU" in capsys.readouterr().out
+    pipe = sd15_from_env(device="cpu", allow_cpu=True)
+    assert pipe.source == str(files["safetensors"]) and pipe.dtype == torch.float32
