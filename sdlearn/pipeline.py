@@ -28,6 +28,8 @@ mode against StableDiffusionPipeline / Img2Img / Inpaint on the same weights.
 """
 
 import random
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 from .guidance import cfg_combine, encode_prompt, pad_to_same_length
+from .memory import enable_sliced_attention, tiled_decode, tiled_encode
 from .samplers import BrownianNoise, Denoiser, get_sampler, initial_latents, sample_dpmpp_sde
 from .schedule import SD15, NoiseSchedule
 
@@ -72,6 +75,9 @@ class Pipeline:
     # What the loader found out about the checkpoint (model family, EMA or not, ...).
     info: dict = field(default_factory=dict)
     schedule: NoiseSchedule = SD15
+    # Low-memory switches, set by enable_low_memory(); all off by default.
+    offload_device: torch.device | None = None  # where the text encoder and VAE wait while idle
+    vae_tile_size: int | None = None  # tiled VAE decode/encode, tile side in pixels
 
     # ------------------------------------------------------------------ basics
 
@@ -97,6 +103,44 @@ class Pipeline:
 
         return Path(self.source).stem if self.source else ""
 
+    def enable_low_memory(self, sliced_attention: int | None = 1024, vae_tile_size: int | None = 512,
+                          offload: bool = True) -> "Pipeline":
+        """The low-VRAM mode for 4-8 GB GPUs (A1111's --medvram plus sliced attention and Tiled VAE).
+
+        sliced_attention: queries per attention call in the U-Net (sdlearn.memory; None = off).
+        vae_tile_size: decode/encode the VAE in tiles of this many pixels, overlapping by a quarter
+            (None = off). 512 leaves a 512x512 image untiled; tiled results differ slightly (see memory.py).
+        offload: keep the text encoder and VAE in CPU memory and move each to the GPU only while it
+            runs: they are idle during the whole sampling loop, which only needs the U-Net.
+        """
+        if vae_tile_size is not None and (not isinstance(vae_tile_size, int) or vae_tile_size % 32
+                                          or vae_tile_size < 64):
+            raise ValueError(f"vae_tile_size must be a multiple of 32 pixels, at least 64 (e.g. 512), or None; "
+                             f"got {vae_tile_size!r}.")
+        enable_sliced_attention(self.unet, sliced_attention)
+        self.vae_tile_size = vae_tile_size
+        self.offload_device = torch.device("cpu") if offload else None
+        if offload:
+            self.text_encoder.to(self.offload_device)
+            self.vae.to(self.offload_device)
+        return self
+
+    def enable_fast_path(self, channels_last: bool = True, compile: bool = True, compile_mode=None) -> "Pipeline":
+        """The fast path for GPUs: the U-Net in channels-last layout, compiled with torch.compile.
+
+        channels_last: NHWC memory layout, which GPU convolution kernels (cuDNN, tensor cores) prefer;
+            the spatial transformers keep it (see SpatialTransformer.forward).
+        compile: torch.compile the U-Net in place (its state_dict keys do not change). The first call
+            compiles (a minute or more); every new latent size or batch recompiles. compile_mode is
+            torch.compile's mode: None (default), "max-autotune", "reduce-overhead" (CUDA graphs).
+        Outputs match the eager path to float rounding (tests/test_fast_path.py, benchmarks/bench_sd15.py).
+        """
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if compile:
+            self.unet.compile(mode=compile_mode, fullgraph=True)
+        return self
+
     @property
     def vae_scale(self) -> int:
         """Pixels per latent pixel along each side: 8 for SD1.5 (three 2× downsamplings)."""
@@ -118,18 +162,66 @@ class Pipeline:
         Takes the mean of the VAE's Gaussian (as ComfyUI's VAEEncode); A1111 and diffusers draw a
         sample from it instead, which differs by the posterior's small std (~1e-2 of the latent's).
         """
-        x = images_to_tensor(images).to(self.device, next(self.vae.parameters()).dtype)
-        return self.vae.encode(x).mode() * self.vae.config.scaling_factor
+        x = images_to_tensor(images)
+        return self._vae_run(lambda dtype: self._vae_encode(x.to(self.device, dtype)))
+
+    def _vae_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Image tensor (B, 3, H, W) in [-1, 1] -> mean latent × scaling_factor; tiled if enabled."""
+        if self.vae_tile_size is None:
+            posterior = self.vae.encode(x)
+        else:
+            posterior = tiled_encode(self.vae, x, self.vae_tile_size, self.vae_tile_size // 4)
+        # In the U-Net's dtype: after an fp32 fallback (see _vae_run) the VAE's may differ.
+        return (posterior.mode() * self.vae.config.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list:
         """Latents in the U-Net's scale (B, 4, h, w) -> PIL images. The VAE expects latents / scaling_factor."""
-        x = self.vae.decode(latents.to(self.device, self.dtype) / self.vae.config.scaling_factor)
-        return tensor_to_images(x)
+        def decode(dtype):
+            z = latents.to(self.device, dtype) / self.vae.config.scaling_factor
+            if self.vae_tile_size is None:
+                return self.vae.decode(z)
+            tile = self.vae_tile_size // self.vae_scale  # in latent pixels
+            return tiled_decode(self.vae, z, tile, tile // 4)
+
+        return tensor_to_images(self._vae_run(decode))
+
+    def _vae_run(self, run):
+        """run(dtype) -> tensor, with the VAE on the pipeline's device and in `dtype`, the VAE's own.
+
+        fp16 fallback (A1111's "Automatically revert VAE to 32-bit floats"): SD1.5's VAE decoder has
+        activations beyond fp16's largest number, 65504, on some latents, which become inf and then
+        NaN in the next GroupNorm: a black image. If a half-precision result is not finite, the VAE
+        is converted to fp32 for good (as A1111 does) and the call repeated, with a warning.
+        """
+        dtype = next(self.vae.parameters()).dtype
+        with self._on_device(self.vae):
+            out = run(dtype)
+            if dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+                warnings.warn(f"the VAE produced NaN/inf in {dtype} (an overflow); converted it to float32 and "
+                              "ran it again, as A1111's 'Automatically revert VAE to 32-bit floats' does. "
+                              "A fixed fp16 VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL) avoids the cost.",
+                              RuntimeWarning, stacklevel=3)
+                self.vae.float()
+                out = run(torch.float32)
+        return out
+
+    @contextmanager
+    def _on_device(self, module):
+        """Run `module` on the pipeline's device; with offloading on, send it back to offload_device after."""
+        if self.offload_device is None:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to(self.offload_device)
 
     def encode_prompt(self, prompt: str, clip_skip: int = 1, mode: str = "a1111") -> torch.Tensor:
         """Prompt -> context (1, 77·chunks, D); see sdlearn.guidance."""
-        return encode_prompt(self.tokenizer, self.text_encoder, prompt, clip_skip=clip_skip, mode=mode)
+        with self._on_device(self.text_encoder):
+            return encode_prompt(self.tokenizer, self.text_encoder, prompt, clip_skip=clip_skip, mode=mode)
 
     # ------------------------------------------------------------------ the tabs
 
@@ -245,7 +337,7 @@ class Pipeline:
             # The 9-channel U-Net sees [noisy latent (4), mask (1), latent of the image with the hole (4)].
             binary = (np.asarray(work_mask, np.float32) / 255 >= 0.5).astype(np.float32)  # (H, W)
             hole = images_to_tensor([work_image]) * torch.from_numpy(1 - binary)[None, None]
-            hole_latent = self.vae.encode(hole.to(self.device, self.dtype)).mode() * self.vae.config.scaling_factor
+            hole_latent = self._vae_run(lambda dtype: self._vae_encode(hole.to(self.device, dtype)))
             cond_mask = F.interpolate(torch.from_numpy(binary)[None, None], size=(h, w)).to(self.device, self.dtype)
             image_cond = torch.cat([cond_mask, hole_latent], dim=1).expand(batch_size, -1, -1, -1)
 

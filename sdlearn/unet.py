@@ -324,6 +324,9 @@ class Attention(nn.Module):
         # A Sequential so the output projection is named to_out.0, like the checkpoints
         # (the reference library keeps a dropout layer with p=0 at to_out.1; it holds no weights).
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        # Low-memory mode only (sdlearn.memory.enable_sliced_attention): attend for this many queries at
+        # a time. None, the default, computes all T queries in one call.
+        self.query_chunk_size = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape  # T = h*w pixel tokens
@@ -332,8 +335,16 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, head_dim)
         k = self.to_k(context).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, S, head_dim)
         v = self.to_v(context).view(B, -1, self.heads, d).transpose(1, 2)  # (B, heads, S, head_dim)
-        # softmax(q k^T / sqrt(head_dim)) v, in one fused kernel (flash / memory-efficient on GPU)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        n = self.query_chunk_size
+        if n is None or n >= T:
+            # softmax(q k^T / sqrt(head_dim)) v, in one fused kernel (flash / memory-efficient on GPU)
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        else:
+            # Sliced ("chunked") attention: row i of softmax(q k^T) v depends on query i alone, so
+            # slicing the queries gives the same result while only a (chunk, S) block of scores exists
+            # at a time instead of (T, S): 4096 x 4096 per head at 512x512 without a fused kernel.
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, i:i + n], k, v)
+                             for i in range(0, T, n)], dim=2)  # (B, heads, T, head_dim)
         out = out.transpose(1, 2).reshape(B, T, C)  # heads side by side again: (B, T, C)
         return self.to_out(out)
 
@@ -402,9 +413,12 @@ class SpatialTransformer(nn.Module):
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # one token per latent pixel: (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        # Back to (B, C, H, W); made contiguous so the conv and the rest of the U-Net keep the
-        # standard channels-first memory layout.
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        # Back to (B, C, H, W); made contiguous in the layout the input came in, so no conv after it
+        # has to convert: standard channels-first by default, channels-last on the GPU fast path
+        # (Pipeline.enable_fast_path), where the permuted view already is channels-last and needs no copy.
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous(memory_format=layout)
         return x + self.proj_out(h)
 
 
