@@ -78,6 +78,8 @@ class Pipeline:
     # Low-memory switches, set by enable_low_memory(); all off by default.
     offload_device: torch.device | None = None  # where the text encoder and VAE wait while idle
     vae_tile_size: int | None = None  # tiled VAE decode/encode, tile side in pixels
+    # Folders searched for <lora:name:weight> in prompts (A1111: models/Lora, ComfyUI: models/loras).
+    lora_dirs: list = field(default_factory=list)
 
     # ------------------------------------------------------------------ basics
 
@@ -171,8 +173,8 @@ class Pipeline:
             posterior = self.vae.encode(x)
         else:
             posterior = tiled_encode(self.vae, x, self.vae_tile_size, self.vae_tile_size // 4)
-        # In the U-Net's dtype: after an fp32 fallback (see _vae_run) the VAE's may differ.
-        return (posterior.mode() * self.vae.config.scaling_factor).to(self.dtype)
+        # Latents are kept in float32 whatever the models' dtype (see _denoiser).
+        return (posterior.mode() * self.vae.config.scaling_factor).float()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list:
@@ -236,31 +238,32 @@ class Pipeline:
         steps (0 = the same as steps), so the model adds detail at a size it was not trained for without
         repeating the composition.
         """
-        width, height = self._size(width, height)
-        seeds = _seeds(seed, batch_size)
-        spec, sigmas = self._sigmas(sampler, scheduler, steps)
-        self._check_mode(mode)
-        shape = (4, height // self.vae_scale, width // self.vae_scale)
-        if latents is None:
-            noise = _noise(seeds, shape)
-        else:
-            noise = latents.float().cpu()
-            if tuple(noise.shape) != (batch_size,) + shape:
-                raise ValueError(f"latents must have shape {(batch_size,) + shape} for a {width}x{height} batch of "
-                                 f"{batch_size}, got {tuple(noise.shape)}.")
-        cond, uncond = self._conditioning(prompt, negative_prompt, batch_size, clip_skip, mode)
-        model = self._denoiser(cond, uncond, cfg_scale)
-        x = initial_latents(noise.to(self.device, self.dtype), sigmas, vp=spec.vp_start)
-        x = self._run(spec, model, x, sigmas.to(self.device), seeds, callback, progress)
+        with self._prompt_loras(prompt):
+            width, height = self._size(width, height)
+            seeds = _seeds(seed, batch_size)
+            spec, sigmas = self._sigmas(sampler, scheduler, steps)
+            self._check_mode(mode)
+            shape = (4, height // self.vae_scale, width // self.vae_scale)
+            if latents is None:
+                noise = _noise(seeds, shape)
+            else:
+                noise = latents.float().cpu()
+                if tuple(noise.shape) != (batch_size,) + shape:
+                    raise ValueError(f"latents must have shape {(batch_size,) + shape} for a {width}x{height} batch of "
+                                     f"{batch_size}, got {tuple(noise.shape)}.")
+            cond, uncond = self._conditioning(prompt, negative_prompt, batch_size, clip_skip, mode)
+            model = self._denoiser(cond, uncond, cfg_scale)
+            x = initial_latents(noise.to(self.device), sigmas, vp=spec.vp_start)  # float32, see _denoiser
+            x = self._run(spec, model, x, sigmas.to(self.device), seeds, callback, progress)
 
-        params = dict(steps=steps, sampler=spec.name, cfg_scale=cfg_scale, seeds=seeds, width=width, height=height,
-                      clip_skip=clip_skip)
-        if hires_scale is not None and hires_scale != 1:
-            x, extra = self._hires_fix(x, cond, uncond, spec, steps, cfg_scale, seeds, hires_scale, hires_strength,
-                                       hires_steps, hires_upscaler, callback, progress)
-            params.update(extra)
-        images = self.decode_latents(x)
-        return self._result(images, x, prompt, negative_prompt, params)
+            params = dict(steps=steps, sampler=spec.name, cfg_scale=cfg_scale, seeds=seeds, width=width, height=height,
+                          clip_skip=clip_skip)
+            if hires_scale is not None and hires_scale != 1:
+                x, extra = self._hires_fix(x, cond, uncond, spec, steps, cfg_scale, seeds, hires_scale, hires_strength,
+                                           hires_steps, hires_upscaler, callback, progress)
+                params.update(extra)
+            images = self.decode_latents(x)
+            return self._result(images, x, prompt, negative_prompt, params)
 
     def img2img(self, image, prompt, strength=0.75, negative_prompt="", steps=20, cfg_scale=7.0, sampler="Euler a",
                 scheduler=None, seed=-1, width=None, height=None, batch_size=1, clip_skip=1, callback=None,
@@ -270,12 +273,13 @@ class Pipeline:
         strength 0 returns the image through the VAE; 1 starts from (almost) pure noise. A1111 runs
         int(min(strength, 0.999)·steps) + 1 of the `steps` steps; diffusers runs int(strength·steps).
         """
-        image = _as_rgb(image, "image")
-        width, height = self._size(width or image.width, height or image.height)  # default: the image's size
-        image = _resize(image, width, height)
-        x0 = self.encode_image([image] * batch_size)
-        return self._from_latent(x0, prompt, negative_prompt, strength, steps, cfg_scale, sampler, scheduler, seed,
-                                 batch_size, clip_skip, callback, mode, progress, width, height)
+        with self._prompt_loras(prompt):
+            image = _as_rgb(image, "image")
+            width, height = self._size(width or image.width, height or image.height)  # default: the image's size
+            image = _resize(image, width, height)
+            x0 = self.encode_image([image] * batch_size)
+            return self._from_latent(x0, prompt, negative_prompt, strength, steps, cfg_scale, sampler, scheduler, seed,
+                                     batch_size, clip_skip, callback, mode, progress, width, height)
 
     def inpaint(self, image, mask, prompt, strength=0.75, negative_prompt="", mask_blur=4, inpainting_fill="original",
                 inpaint_full_res=False, inpaint_full_res_padding=32, invert_mask=False, steps=20, cfg_scale=7.0,
@@ -288,70 +292,71 @@ class Pipeline:
         masked" (crop around the mask plus `inpaint_full_res_padding`, work at full resolution there,
         paste back). Pixels outside the (blurred) mask are the original's, exactly.
         """
-        image = _as_rgb(image, "image")
-        mask = _as_mask(mask, image, invert_mask)
-        if inpainting_fill not in INPAINT_FILLS:
-            raise ValueError(f"inpainting_fill must be one of {INPAINT_FILLS}, got {inpainting_fill!r}.")
-        if mask_blur < 0:
-            raise ValueError(f"mask_blur must be >= 0 pixels, got {mask_blur}.")
-        self._check_mode(mode)
-        if mask.getbbox() is None:
-            raise ValueError("the mask is all black, so there is nothing to inpaint; paint the area to change white.")
+        with self._prompt_loras(prompt):
+            image = _as_rgb(image, "image")
+            mask = _as_mask(mask, image, invert_mask)
+            if inpainting_fill not in INPAINT_FILLS:
+                raise ValueError(f"inpainting_fill must be one of {INPAINT_FILLS}, got {inpainting_fill!r}.")
+            if mask_blur < 0:
+                raise ValueError(f"mask_blur must be >= 0 pixels, got {mask_blur}.")
+            self._check_mode(mode)
+            if mask.getbbox() is None:
+                raise ValueError("the mask is all black, so there is nothing to inpaint; paint the area to change white.")
 
-        blurred = mask.filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur > 0 and mode == "a1111" else mask
-        # The overlay keeps the original wherever the mask is 0; A1111 doubles the blurred mask first so the
-        # repainted area covers the whole painted mask and only the outer half of the blur blends.
-        overlay_mask = Image.fromarray(np.clip(np.asarray(blurred, np.float32) * 2, 0, 255).astype(np.uint8))
+            blurred = mask.filter(ImageFilter.GaussianBlur(mask_blur)) if mask_blur > 0 and mode == "a1111" else mask
+            # The overlay keeps the original wherever the mask is 0; A1111 doubles the blurred mask first so the
+            # repainted area covers the whole painted mask and only the outer half of the blur blends.
+            overlay_mask = Image.fromarray(np.clip(np.asarray(blurred, np.float32) * 2, 0, 255).astype(np.uint8))
 
-        if inpaint_full_res:
-            crop = _crop_region(blurred, inpaint_full_res_padding)
-            width, height = self._size(width, height)
-            crop = _expand_to_aspect(crop, width, height, image.size)
-            work_image = _resize(image.crop(crop), width, height)
-            work_mask = blurred.crop(crop).resize((width, height), Image.LANCZOS)
-        else:
-            width, height = self._size(width or image.width, height or image.height)
-            work_image, work_mask = _resize(image, width, height), blurred.resize((width, height), Image.LANCZOS)
-        if inpainting_fill == "fill":
-            work_image = fill_masked(work_image, work_mask)
+            if inpaint_full_res:
+                crop = _crop_region(blurred, inpaint_full_res_padding)
+                width, height = self._size(width, height)
+                crop = _expand_to_aspect(crop, width, height, image.size)
+                work_image = _resize(image.crop(crop), width, height)
+                work_mask = blurred.crop(crop).resize((width, height), Image.LANCZOS)
+            else:
+                width, height = self._size(width or image.width, height or image.height)
+                work_image, work_mask = _resize(image, width, height), blurred.resize((width, height), Image.LANCZOS)
+            if inpainting_fill == "fill":
+                work_image = fill_masked(work_image, work_mask)
 
-        x0 = self.encode_image([work_image] * batch_size)
-        h, w = x0.shape[-2:]
-        if mode == "a1111":
-            # A1111 rounds the downsampled mask to 0/1: a latent pixel is either repainted or kept.
-            latent_mask = torch.from_numpy(np.asarray(work_mask.resize((w, h)), np.float32) / 255).round()
-        else:
-            # diffusers: nearest-neighbour downsampling of the binarised mask.
-            binary = torch.from_numpy((np.asarray(work_mask, np.float32) / 255 >= 0.5).astype(np.float32))
-            latent_mask = F.interpolate(binary[None, None], size=(h, w))[0, 0]
-        latent_mask = latent_mask.to(self.device, x0.dtype)[None, None]  # (1, 1, h, w), 1 = repaint
+            x0 = self.encode_image([work_image] * batch_size)
+            h, w = x0.shape[-2:]
+            if mode == "a1111":
+                # A1111 rounds the downsampled mask to 0/1: a latent pixel is either repainted or kept.
+                latent_mask = torch.from_numpy(np.asarray(work_mask.resize((w, h)), np.float32) / 255).round()
+            else:
+                # diffusers: nearest-neighbour downsampling of the binarised mask.
+                binary = torch.from_numpy((np.asarray(work_mask, np.float32) / 255 >= 0.5).astype(np.float32))
+                latent_mask = F.interpolate(binary[None, None], size=(h, w))[0, 0]
+            latent_mask = latent_mask.to(self.device, x0.dtype)[None, None]  # (1, 1, h, w), 1 = repaint
 
-        seeds = _seeds(seed, batch_size)
-        if inpainting_fill == "latent noise":
-            x0 = x0 * (1 - latent_mask) + _noise(seeds, x0.shape[1:]).to(x0) * latent_mask
-        elif inpainting_fill == "latent nothing":
-            x0 = x0 * (1 - latent_mask)
+            seeds = _seeds(seed, batch_size)
+            if inpainting_fill == "latent noise":
+                x0 = x0 * (1 - latent_mask) + _noise(seeds, x0.shape[1:]).to(x0) * latent_mask
+            elif inpainting_fill == "latent nothing":
+                x0 = x0 * (1 - latent_mask)
 
-        image_cond = None
-        if self.is_inpainting_model:
-            # The 9-channel U-Net sees [noisy latent (4), mask (1), latent of the image with the hole (4)].
-            binary = (np.asarray(work_mask, np.float32) / 255 >= 0.5).astype(np.float32)  # (H, W)
-            hole = images_to_tensor([work_image]) * torch.from_numpy(1 - binary)[None, None]
-            hole_latent = self._vae_run(lambda dtype: self._vae_encode(hole.to(self.device, dtype)))
-            cond_mask = F.interpolate(torch.from_numpy(binary)[None, None], size=(h, w)).to(self.device, self.dtype)
-            image_cond = torch.cat([cond_mask, hole_latent], dim=1).expand(batch_size, -1, -1, -1)
+            image_cond = None
+            if self.is_inpainting_model:
+                # The 9-channel U-Net sees [noisy latent (4), mask (1), latent of the image with the hole (4)].
+                binary = (np.asarray(work_mask, np.float32) / 255 >= 0.5).astype(np.float32)  # (H, W)
+                hole = images_to_tensor([work_image]) * torch.from_numpy(1 - binary)[None, None]
+                hole_latent = self._vae_run(lambda dtype: self._vae_encode(hole.to(self.device, dtype)))
+                cond_mask = F.interpolate(torch.from_numpy(binary)[None, None], size=(h, w)).to(self.device, self.dtype)
+                image_cond = torch.cat([cond_mask, hole_latent.to(self.dtype)], dim=1).expand(batch_size, -1, -1, -1)
 
-        result = self._from_latent(x0, prompt, negative_prompt, strength, steps, cfg_scale, sampler, scheduler, seeds,
-                                   batch_size, clip_skip, callback, mode, progress, width, height,
-                                   latent_mask=latent_mask, image_cond=image_cond)
-        if mode == "a1111":
-            result.images = [_paste_back(image, gen, overlay_mask, crop if inpaint_full_res else None)
-                             for gen in result.images]
-        params_note = f", Mask blur: {mask_blur}, Masked content: {inpainting_fill}"
-        if inpaint_full_res:
-            params_note += f", Inpaint area: Only masked, Only masked padding: {inpaint_full_res_padding}"
-        result.infotexts = [t + params_note for t in result.infotexts]
-        return result
+            result = self._from_latent(x0, prompt, negative_prompt, strength, steps, cfg_scale, sampler, scheduler, seeds,
+                                       batch_size, clip_skip, callback, mode, progress, width, height,
+                                       latent_mask=latent_mask, image_cond=image_cond)
+            if mode == "a1111":
+                result.images = [_paste_back(image, gen, overlay_mask, crop if inpaint_full_res else None)
+                                 for gen in result.images]
+            params_note = f", Mask blur: {mask_blur}, Masked content: {inpainting_fill}"
+            if inpaint_full_res:
+                params_note += f", Inpaint area: Only masked, Only masked padding: {inpaint_full_res_padding}"
+            result.infotexts = [t + params_note for t in result.infotexts]
+            return result
 
     def outpaint(self, image, prompt, left=0, right=0, up=0, down=0, strength=0.8, mask_blur=4,
                  inpainting_fill="fill", **kwargs) -> GenerationResult:
@@ -437,24 +442,47 @@ class Pipeline:
             cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt("", clip_skip, mode))
         return cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
 
+    @contextmanager
+    def _prompt_loras(self, prompt):
+        """A1111's `<lora:name:0.8>` in the prompt: merge those LoRAs (found in self.lora_dirs) for this
+        generation only; the base weights are restored exactly afterwards (sdlearn.lora.applied_loras)."""
+        if not isinstance(prompt, str) or "<lora:" not in prompt:
+            yield
+            return
+        from .lora import applied_loras, loras_from_prompt
+
+        with applied_loras(self, loras_from_prompt(prompt, self.lora_dirs)[1]):
+            yield
+
     def _context(self, prompt, clip_skip, mode):
-        """A prompt's context (1, L, D); a tensor is taken as an already-computed context (prompt walks)."""
+        """A prompt's context (1, L, D); a tensor is taken as an already-computed context (prompt walks).
+        LoRA tags are not words for CLIP: they are removed before encoding (as A1111 does)."""
         if torch.is_tensor(prompt):
             if prompt.ndim != 3 or prompt.shape[0] != 1:
                 raise ValueError(f"a context given as the prompt must have shape (1, tokens, dim), got {tuple(prompt.shape)}.")
             return prompt.to(self.device, self.dtype)
+        if prompt and "<lora:" in prompt:
+            from .lora import extract_lora_tags
+
+            prompt = extract_lora_tags(prompt)[0]
         return self.encode_prompt(prompt or "", clip_skip, mode)
 
     def _denoiser(self, cond, uncond, cfg_scale, image_cond=None):
-        """The model the sampler calls: D(x, σ) from the U-Net with classifier-free guidance."""
+        """The model the sampler calls: D(x, σ) from the U-Net with classifier-free guidance.
 
-        def eps_model(x_in, t):  # x_in (B, 4, h, w), already scaled by 1/sqrt(σ²+1); t (B,)
+        The sampler's latents stay in float32 even when the models run in fp16/bf16 (as diffusers'
+        schedulers and A1111 do): only the U-Net call is in the model's dtype, so the many small
+        updates of a 20-step loop do not lose precision.
+        """
+
+        def eps_model(x_in, t):  # x_in (B, 4, h, w) float32, already scaled by 1/sqrt(σ²+1); t (B,)
+            x_in = x_in.to(self.dtype)
             if image_cond is not None:
                 x_in = torch.cat([x_in, image_cond], dim=1)  # (B, 9, h, w)
             if cfg_scale == 1:  # the unconditional pass would be multiplied by 0: skip it
-                return self.unet(x_in, t, cond)
+                return self.unet(x_in, t, cond).float()
             eps_uncond, eps_cond = self.unet(torch.cat([x_in, x_in]), torch.cat([t, t]),
-                                             torch.cat([uncond, cond])).chunk(2)  # one batch of 2B
+                                             torch.cat([uncond, cond])).float().chunk(2)  # one batch of 2B
             return cfg_combine(eps_uncond, eps_cond, cfg_scale)
 
         return Denoiser(eps_model, self.schedule)

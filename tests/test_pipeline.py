@@ -332,3 +332,40 @@ def test_img2img_and_inpaint_bad_input(models):
         ours.outpaint(image, "x", right=5, steps=2, progress=False)
     with pytest.raises(TypeError, match="PIL image"):
         ours.img2img("photo.png", "x", steps=2, progress=False)
+
+
+def test_sampler_latents_stay_float32_with_bf16_models():
+    _, ours = build()
+    ours.to(dtype=torch.bfloat16)
+    dtypes = []
+    out = ours.txt2img("a red circle", steps=3, seed=1, sampler="DPM++ 2M Karras", progress=False,
+                       callback=lambda d: dtypes.append((d["x"].dtype, d["denoised"].dtype)))
+    assert set(dtypes) == {(torch.float32, torch.float32)}
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+    image = Image.new("RGB", (SIZE, SIZE), (10, 200, 30))
+    assert ours.img2img(image, "x", steps=3, progress=False).latents.dtype == torch.float32
+
+
+def test_lora_tags_in_the_prompt_apply_for_one_generation(tmp_path):
+    from sdlearn.lora import inject_lora, lora_targets, remove_lora, save_lora
+
+    _, ours = build()
+    # A LoRA for this model: random adapters on the attention projections, saved in kohya's layout.
+    donor = build()[1]
+    adapters = inject_lora(donor.unet, lora_targets(donor.unet), rank=2)
+    with torch.no_grad():
+        for a in adapters.values():
+            a.up.weight.normal_(0, 0.5)
+    save_lora(tmp_path / "paper_cut.safetensors", unet=donor.unet)
+    remove_lora(donor.unet)
+
+    ours.lora_dirs = [tmp_path]
+    before = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    plain = ours.txt2img("a fox", steps=3, seed=1, progress=False)
+    tagged = ours.txt2img("a fox <lora:paper_cut:0.8>", steps=3, seed=1, progress=False)
+    assert (tagged.latents - plain.latents).abs().max() > 1e-3  # the LoRA changed the U-Net
+    assert all(torch.equal(v, before[k]) for k, v in ours.unet.state_dict().items())  # and is gone again
+    assert tagged.info.startswith("a fox <lora:paper_cut:0.8>")  # A1111 keeps the tag in the parameters
+    assert torch.equal(ours.encode_prompt("a fox "), ours._context("a fox <lora:paper_cut:0.8>", 1, "a1111"))
+    with pytest.raises(Exception, match="paper_cut"):  # a missing LoRA lists the ones there are
+        ours.txt2img("a fox <lora:watercolor:1>", steps=2, progress=False)
