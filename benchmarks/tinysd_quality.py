@@ -1,0 +1,158 @@
+"""How well does TinySD follow its prompts? The issue-4 benchmark.
+
+    python benchmarks/tinysd_quality.py            # ~10 minutes on a 2-core CPU
+    python benchmarks/tinysd_quality.py --no-append --n 40 --cfgs 1,7   # a quick look
+
+Generates one image per caption for 200 fresh captions of the shapes world (a fixed seed, the
+training split: colour-shape pairs the model has seen, in new scenes and phrasings) with 20 steps of
+"DPM++ 2M Karras", at several CFG scales, and scores each image with `sdlearn.shapes.judge`. Then:
+captions with held-out colour-shape pairs (never seen together in training) at CFG 7; the VAE's
+reconstruction PSNR on held-out scenes; and the time for one 20-step 64x64 image (CFG 7, median of
+several runs). Prints a table and appends it, with the command, date and CPU, to benchmarks/RESULTS.md.
+
+Targets (issue 4), at CFG 7: background >= 95%, colour >= 90%, shape >= 85%, position >= 85%,
+count >= 85%; clearly lower at CFG 1; held-out pairs >= 70%; PSNR >= 30 dB; <= 1 s per image.
+"""
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sdlearn
+from sdlearn import shapes
+from sdlearn.train import cpu_name, reconstruction_psnr
+from sdlearn.weights import TINY_DIR
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## TinySD"
+ATTRIBUTES = ("background", "colour", "shape", "size", "position", "count", "overall")
+TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.85, "position": 0.85, "count": 0.85}
+SAMPLER, STEPS = "DPM++ 2M Karras", 20
+
+
+def captions(n, seed, split):
+    """n fresh captions (and their rendered scenes, the judge's ceiling) from a fixed seed."""
+    rng = random.Random(seed)
+    return [shapes.random_scene(rng, 64, split) for _ in range(n)]
+
+
+def generate_and_judge(pipe, scenes, cfg_scale, seed):
+    """Accuracy per attribute of one image per caption; image i uses seed + i."""
+    pairs = []
+    for i, (_, caption) in enumerate(scenes):
+        out = pipe.txt2img(caption, steps=STEPS, cfg_scale=cfg_scale, sampler=SAMPLER, seed=seed + i, progress=False)
+        pairs.append((out.images[0], caption))
+    return shapes.accuracy(pairs)
+
+
+def time_one_image(pipe, runs):
+    """Median seconds for one 20-step 64x64 image at CFG 7 (prompt encoding and VAE decoding included)."""
+    prompt = "a small red circle at the top left on a blue background"
+    pipe.txt2img(prompt, steps=STEPS, sampler=SAMPLER, seed=0, progress=False)  # warm-up
+    times = []
+    for i in range(runs):
+        start = time.perf_counter()
+        pipe.txt2img(prompt, steps=STEPS, cfg_scale=7.0, sampler=SAMPLER, seed=i, progress=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def row(name, acc):
+    cells = " | ".join("—" if acc[a] != acc[a] else f"{acc[a]:.1%}" for a in ATTRIBUTES)  # nan: not asked
+    return f"| {name} | {cells} | {acc['n']} |"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny", help="what sdlearn.load_pipeline loads (default: the shipped TinySD)")
+    parser.add_argument("--n", type=int, default=200, help="captions from the training split")
+    parser.add_argument("--n-heldout", type=int, default=100, help="captions with held-out colour-shape pairs")
+    parser.add_argument("--cfgs", default="1,3,7,10", help="CFG scales for the accuracy-vs-CFG curve")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the captions and of the images")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--timing-runs", type=int, default=7)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfgs = [float(c) for c in args.cfgs.split(",")]
+    if 7.0 not in cfgs or 1.0 not in cfgs:
+        parser.error("--cfgs must include 1 and 7 (the issue's two headline settings)")
+
+    pipe = sdlearn.load_pipeline(args.model)
+    start = time.time()
+    train_scenes = captions(args.n, args.seed, "train")
+    heldout_scenes = captions(args.n_heldout, args.seed + 1, "heldout")
+    lines = ["| images | " + " | ".join(ATTRIBUTES) + " | n |", "|---" * (len(ATTRIBUTES) + 2) + "|"]
+    # The judge's ceiling: the world's own renderings of the same captions.
+    lines.append(row("rendered scenes (judge's ceiling)", shapes.accuracy(train_scenes)))
+    results = {}
+    for cfg in cfgs:
+        results[cfg] = generate_and_judge(pipe, train_scenes, cfg, args.seed)
+        lines.append(row(f"TinySD, CFG {cfg:g}", results[cfg]))
+        print(lines[-1], flush=True)
+    heldout = generate_and_judge(pipe, heldout_scenes, 7.0, args.seed)
+    lines.append(row("TinySD, CFG 7, held-out colour-shape pairs", heldout))
+    print(lines[-1], flush=True)
+
+    psnr = reconstruction_psnr(pipe.vae, shapes.dataset(256, seed=args.seed + 2, split="heldout")[0])
+    seconds = time_one_image(pipe, args.timing_runs)
+    elapsed = time.time() - start
+
+    at7 = results[7.0]
+    checks = [f"{a} {at7[a]:.1%} (target ≥ {t:.0%}) {'ok' if at7[a] >= t else 'MISSED'}" for a, t in TARGETS.items()]
+    checks.append(f"held-out pairs overall {heldout['overall']:.1%} (aim ≥ 70%) {'ok' if heldout['overall'] >= 0.7 else 'MISSED'}")
+    checks.append(f"VAE reconstruction PSNR on held-out scenes {psnr:.2f} dB (target ≥ 30) {'ok' if psnr >= 30 else 'MISSED'}")
+    checks.append(f"one 20-step 64x64 image: {seconds:.3f} s median of {args.timing_runs}, {args.threads} thread(s) "
+                  f"(target ≤ 1 s) {'ok' if seconds <= 1 else 'MISSED'}")
+    curve = ", ".join(f"CFG {c:g}: {results[c]['overall']:.1%}" for c in cfgs)
+    report = "\n".join(lines) + "\n\nOverall accuracy vs CFG: " + curve + "\n\n" + "\n".join(f"- {c}" for c in checks)
+    print("\n" + report)
+
+    if not args.no_append:
+        command = "python benchmarks/tinysd_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        entry = (f"### Prompt following, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+                 f"```\n{command.strip()}\n```\n\n"
+                 f"Model `{args.model}`, {STEPS} steps of {SAMPLER}, image i with seed {args.seed}+i; {args.n} "
+                 f"training-split captions, {args.n_heldout} held-out-pair captions (caption seed {args.seed}). "
+                 f"CPU: {cpu_name()}, {args.threads} torch thread(s), torch {torch.__version__}. "
+                 f"Benchmark run time {elapsed / 60:.1f} min.\n\n{report}\n")
+        append_to_section(RESULTS, SECTION, entry + training_note(args.model))
+        print(f"\nappended to {RESULTS}")
+
+
+def training_note(model):
+    """How the model was trained, from the training.json that sdlearn.train writes next to the weights."""
+    path = (TINY_DIR if model == "tiny" else Path(model)) / "training.json"
+    if not path.exists():
+        return ""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    sec, steps, params = info["seconds"], info["steps"], info["parameters"]
+    return (f"\nThe model: `{info['command']}` — {info['scenes']} scenes; VAE {params['vae']:,} parameters, "
+            f"{steps['vae']} steps; text encoder {params['text_encoder']:,}, {steps['clip']} steps (trained alongside "
+            f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps. Wall time: VAE + CLIP "
+            f"{sec['vae+clip'] / 60:.1f} min, latent/context cache {sec['cache'] / 60:.1f} min, U-Net "
+            f"{sec['unet'] / 60:.1f} min, total {sec['total'] / 60:.1f} min on {info['machine']}.\n")
+
+
+def append_to_section(path, section, entry):
+    """Add `entry` at the end of `section` ("## ..." heading) of a markdown file, creating either if missing."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else ["# Benchmark results"]
+    if section not in lines:
+        lines += ["", section]
+    start = lines.index(section)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    body_end = end
+    while body_end > start + 1 and not lines[body_end - 1].strip():   # the blank lines before the next section
+        body_end -= 1
+    lines[body_end:end] = [""] + entry.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
+    path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

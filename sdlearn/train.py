@@ -1,0 +1,643 @@
+"""Training TinySD: a miniature Stable Diffusion, trained from scratch on the shapes world.
+
+Stable Diffusion 1.5 is three networks trained one after another, each frozen before the next starts:
+
+  1. the **VAE** (Rombach et al. 2022) learns to squeeze an image into a latent 8x smaller per side and
+     to paint it back; its latents are then rescaled to unit variance by one number, the
+     *scaling factor* (0.18215 for SD1.5);
+  2. the **text encoder** is CLIP's (Radford et al. 2021), trained contrastively — captions and images
+     pushed into one space where matching pairs point the same way — and frozen;
+  3. the **U-Net** learns to predict the noise mixed into a latent (DDPM, Ho et al. 2020), reading the
+     caption through cross-attention, with the caption sometimes dropped so that classifier-free
+     guidance (Ho & Salimans 2021) works at sampling time, and an exponential moving average (EMA) of
+     its weights is what ships.
+
+This module does the same, with sdlearn's own classes (the very ones that load SD1.5's weights) in
+small configs, on the procedural world of `sdlearn.shapes` (64x64 images, 8x8x4 latents):
+
+    images, captions = shapes.dataset(n)              # (N, 64, 64, 3) uint8, N captions
+    vae  = train_vae(images)                          # pixels <-> latents
+    vae.config.scaling_factor = scaling_factor(vae, images)
+    clip = train_clip(images, captions)               # contrastive text encoder, then frozen
+    unet, ema = train_unet(latents, contexts)         # eps-prediction, caption dropout, EMA
+    save_tinysd("assets/tinysd", vae, clip, ema)      # a diffusers-style folder
+
+and one command runs it all, reproducibly from a seed, on a laptop CPU in under an hour:
+
+    python -m sdlearn.train --out assets/tinysd --seed 0
+
+`sdlearn.load_pipeline("tiny")` then loads the folder through the same loader as SD1.5's diffusers
+folders. The folder never gets overwritten by accident: pass --overwrite to replace it.
+"""
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import shapes
+from .clip import END_OF_TEXT, CLIPTextConfig, CLIPTextModel
+from .schedule import SD15, add_noise, snr
+from .tokenizer import CLIPTokenizer
+from .unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+
+# ---------------------------------------------------------------------------------------------
+# 0. The configs: SD1.5's architecture, scaled down
+# ---------------------------------------------------------------------------------------------
+#
+# Everything is chosen so that the shipped weights stay under 30 MB (stored as fp16) and one 20-step
+# image takes well under a second on a 2-core CPU.
+
+
+def tiny_vae_config() -> VAEConfig:
+    """SD1.5's kl-f8 autoencoder shape — 4 levels (8x downsampling), 4 latent channels — at 1/8 the width.
+
+    ~1M parameters (SD1.5's: 84M). One ResNet block per level (SD1.5: two) and GroupNorm over 8 groups
+    (SD1.5: 32), so that each group still holds 4 channels or more.
+    """
+    return VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                     scaling_factor=1.0)  # measured after training: see scaling_factor()
+
+
+def tiny_clip_config() -> CLIPTextConfig:
+    """CLIP's text transformer, 4 layers of width 64 (SD1.5: 12 of width 768), on the full 49408-token vocabulary.
+
+    The real tokenizer is kept, so any prompt tokenizes as it would for SD1.5; the price is the token
+    table, 49408 x 64 = 3.2M of its 3.4M parameters, although the shapes world uses ~40 of those words.
+    """
+    return CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+
+
+def tiny_unet_config(cross_attention_dim: int = 64) -> UNetConfig:
+    """SD1.5's U-Net with 3 levels instead of 4 (an 8x8 latent halves twice: 8 -> 4 -> 2), all with attention.
+
+    ~7M parameters (SD1.5: 860M): channels (64, 128, 128), one ResBlock + spatial transformer per level
+    on the way down (SD1.5: two), 4 attention heads, cross-attention to the 64-wide text encoder output.
+    sample_size=8 makes the pipeline's default image 8 x 8 = 64 pixels.
+    """
+    return UNetConfig(block_out_channels=(64, 128, 128), down_block_types=(CROSS_ATTN_DOWN,) * 3,
+                      up_block_types=(CROSS_ATTN_UP,) * 3, layers_per_block=1, attention_head_dim=4,
+                      cross_attention_dim=cross_attention_dim, sample_size=8)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Data: the shapes world as tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) in 0..255 -> float (B, 3, H, W) in [-1, 1], the range SD's VAE works in."""
+    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def random_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless (batch_size,) index tensors into a dataset of n items, drawn with replacement."""
+    while True:
+        yield torch.randint(0, n, (batch_size,), generator=generator)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then a cosine down to peak/10 at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _log(log, text: str):
+    if log is not None:
+        log(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The VAE: reconstruction + a weak KL pull towards N(0, I)
+# ---------------------------------------------------------------------------------------------
+#
+# LDM trained its autoencoders with a reconstruction loss, a perceptual (LPIPS) loss, a patch
+# discriminator and a KL term weighted 1e-6. Our images are flat colours with sharp edges and no
+# texture, so a plain squared error does the reconstruction; the KL term keeps the latent's scale
+# bounded and its space smooth:
+#
+#     loss = mean (decode(z) - x)^2  +  kl_weight * KL(q(z | x) || N(0, I)) / latent values,   z ~ q(z | x)
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator = None):
+    """(loss, reconstruction) for a batch x (B, 3, H, W) in [-1, 1]."""
+    posterior = vae.encode(x)                       # q(z | x) over (B, 4, H/8, W/8)
+    recon = vae.decode(posterior.sample(generator))  # decode a *sample*: the decoder learns to tolerate the noise
+    kl = posterior.kl().mean() / posterior.mean[0].numel()   # per latent value: independent of image size
+    return F.mse_loss(recon, x) + kl_weight * kl, recon
+
+
+def psnr(recon: torch.Tensor, x: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1], measured on the 0..1 scale: 10 log10(1 / MSE)."""
+    mse = F.mse_loss((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def random_crops(x: torch.Tensor, size: int, step: int, generator: torch.Generator) -> torch.Tensor:
+    """One size x size crop per image of (B, C, H, W), at offsets that are multiples of `step`."""
+    H, W = x.shape[-2:]
+    ys = torch.randint(0, (H - size) // step + 1, (len(x),), generator=generator) * step
+    xs = torch.randint(0, (W - size) // step + 1, (len(x),), generator=generator) * step
+    return torch.stack([img[:, y:y + size, x_:x_ + size] for img, y, x_ in zip(x, ys.tolist(), xs.tolist())])
+
+
+def train_vae(images: np.ndarray, config: VAEConfig = None, steps: int = 2000, batch_size: int = 32,
+              lr: float = 2e-3, kl_weight: float = 1e-4, crop: int = 32, seed: int = 0, log=print,
+              log_every: int = 100):
+    """Train an AutoencoderKL on uint8 images (N, H, W, 3). Returns (vae, losses per step).
+
+    Like SD1.5's VAE (trained on 256x256 crops, used at 512x512), it trains on crops — here `crop` x
+    `crop` pixels at offsets on the 8-pixel latent grid — four times cheaper than whole 64x64 images:
+    a convolutional autoencoder is the same everywhere in the image, so what it learns on pieces holds
+    for the whole. crop=None trains on whole images.
+    """
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(config or tiny_vae_config())
+    # Start with a narrow posterior (std e^-3 = 0.05 instead of 1): at initialisation the encoder's means
+    # are small, and unit noise on them would drown the signal the decoder needs to start learning.
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = -6.0    # the log-variance half of the moments
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    grid = vae.config.downsample_factor
+    losses, start = [], time.time()
+    vae.train()
+    for step, idx in zip(range(steps), random_batches(len(images), batch_size, generator)):
+        _set_lr(optimizer, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1)))
+        x = to_model_range(images[idx.numpy()])
+        if crop is not None and crop < min(x.shape[-2:]):
+            x = random_crops(x, crop, grid, generator)      # (B, 3, crop, crop)
+        loss, recon = vae_loss(vae, x, kl_weight, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(log, f"vae  step {step + 1:5d}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                      f"psnr {psnr(recon.detach(), x):.1f} dB  {time.time() - start:.0f}s")
+    return vae.eval(), losses
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, scaling_factor: float = 1.0, batch_size: int = 256,
+                   generator: torch.Generator = None) -> torch.Tensor:
+    """Latents (N, 4, H/8, W/8) of uint8 images, sampled from q(z | x) as SD's training does, times scaling_factor."""
+    out = [vae.encode(to_model_range(images[i:i + batch_size])).sample(generator)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) * scaling_factor
+
+
+@torch.no_grad()
+def scaling_factor(vae: AutoencoderKL, images: np.ndarray, generator: torch.Generator = None) -> float:
+    """1 / std of the latents of a batch of training images — how SD's 0.18215 (= 1 / 5.49) was found.
+
+    The U-Net is trained on scaling_factor * latent, which then has unit variance, like the noise the
+    diffusion process mixes in: signal and noise are on the same scale at every timestep.
+    """
+    return 1.0 / encode_latents(vae, images, generator=generator).std().item()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> float:
+    """Mean PSNR (dB) of encode (posterior mean) -> decode over uint8 images, computed on all pixels together."""
+    total, n = 0.0, 0
+    for i in range(0, len(images), batch_size):
+        x = to_model_range(images[i:i + batch_size])
+        recon = vae.decode(vae.encode(x).mode()).clamp(-1, 1)
+        total += F.mse_loss((recon + 1) / 2, (x + 1) / 2, reduction="sum").item()
+        n += x.numel()
+    return 10 * math.log10(1.0 / (total / n))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The text encoder: CLIP's contrastive recipe
+# ---------------------------------------------------------------------------------------------
+#
+# CLIP trains a text tower and an image tower together. For a batch of B (image, caption) pairs both
+# towers embed their input, the embeddings are L2-normalised, and the B x B table of cosine
+# similarities, times a learned temperature exp(s), is read as B classification problems twice:
+# each image must pick its own caption among the B, each caption its own image (symmetric InfoNCE):
+#
+#     logits = exp(s) * I T^T                    I, T: (B, E) unit rows
+#     loss   = ( CE(logits, diag) + CE(logits^T, diag) ) / 2
+#
+# The text tower's summary of a caption is the vector at its first end-of-text token (`pooled`),
+# projected to the shared space. A caption can only win when everything in it — colours, shapes,
+# positions, counts, background — is encoded, so the text encoder learns to represent all of it.
+# After training the image tower is thrown away and the text encoder frozen, as in SD1.5 (which took
+# OpenAI's CLIP ViT-L/14 text tower unchanged).
+
+
+class ImageEncoder(nn.Module):
+    """CLIP's image tower in miniature: four stride-2 convs (64 -> 4 pixels), flattened, projected to E.
+
+    Flattening rather than average pooling keeps *where* things are, which captions talk about.
+    """
+
+    def __init__(self, embed_dim: int, image_size: int = 64, width: int = 32):
+        super().__init__()
+        chs = [3, width, 2 * width, 4 * width, 4 * width]
+        layers = []
+        for c_in, c_out in zip(chs[:-1], chs[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.SiLU()]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(chs[-1] * (image_size // 16) ** 2, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.convs(x).flatten(1))  # (B, 3, 64, 64) -> (B, 128, 4, 4) -> (B, E)
+
+
+class ContrastivePair(nn.Module):
+    """Text encoder + image encoder + the two extras CLIP trains with: the text projection and the temperature."""
+
+    def __init__(self, text_encoder: CLIPTextModel, embed_dim: int = 64, image_size: int = 64):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.image_encoder = ImageEncoder(embed_dim, image_size)
+        self.text_projection = nn.Linear(text_encoder.config.hidden_size, embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor):
+        """(symmetric InfoNCE loss, logits (B, B)) of a batch: images (B, 3, H, W) in [-1, 1], input_ids (B, T)."""
+        text = self.text_projection(self.text_encoder.pooled(self.text_encoder(input_ids), input_ids))  # (B, E)
+        image = self.image_encoder(images)                                                                  # (B, E)
+        text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T    # (B, B); CLIP caps exp(s) at 100
+        labels = torch.arange(len(images))
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, logits
+
+
+def trim_padding(input_ids: torch.Tensor, pad_id: int = END_OF_TEXT) -> torch.Tensor:
+    """Cut (B, 77) ids after the longest caption's first end token.
+
+    Attention is causal, so a token never sees the padding after it: the hidden states up to the first
+    end token — all that `pooled` reads — are the same with or without the rest, and training is ~3x faster.
+    """
+    length = int((input_ids != pad_id).sum(1).max()) + 1  # start + words, then one end token
+    return input_ids[:, :length]
+
+
+def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConfig = None, steps: int = 1000,
+               batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log=print, log_every: int = 100):
+    """Train a CLIPTextModel contrastively against a small image encoder.
+
+    images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer. Returns (text_encoder, pair, losses):
+    the frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
+    """
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(config or tiny_clip_config())
+    # CLIP's initialisation of the two embedding tables (PyTorch's default N(0, 1) swamps the residual stream).
+    nn.init.normal_(text_encoder.text_model.embeddings.token_embedding.weight, std=0.02)
+    nn.init.normal_(text_encoder.text_model.embeddings.position_embedding.weight, std=0.01)
+    pair = ContrastivePair(text_encoder, image_size=images.shape[1])
+    optimizer = torch.optim.Adam(pair.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses, start = [], time.time()
+    pair.train()
+    for step, idx in zip(range(steps), random_batches(len(images), batch_size, generator)):
+        _set_lr(optimizer, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1)))
+        loss, logits = pair(to_model_range(images[idx.numpy()]), trim_padding(input_ids[idx]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            top1 = (logits.argmax(1) == torch.arange(len(idx))).float().mean().item()
+            _log(log, f"clip step {step + 1:5d}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                      f"image->caption top-1 {top1:.0%} of {len(idx)}  temperature {1 / pair.logit_scale.exp().item():.3f}  "
+                      f"{time.time() - start:.0f}s")
+    text_encoder.eval().requires_grad_(False)  # frozen from here on, as in SD1.5
+    return text_encoder, pair.eval(), losses
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: CLIPTextModel, input_ids: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The U-Net's context (N, 77, D) for (N, 77) token ids — the full 77-token window, as at sampling time."""
+    return torch.cat([text_encoder(input_ids[i:i + batch_size]) for i in range(0, len(input_ids), batch_size)])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The U-Net: predict the noise (DDPM), with caption dropout and an EMA copy
+# ---------------------------------------------------------------------------------------------
+#
+# One training step, exactly SD1.5's objective:
+#
+#     x_0  = a cached latent (times the scaling factor)        t ~ U{0, ..., 999}     eps ~ N(0, I)
+#     x_t  = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps            SD1.5's scaled-linear schedule
+#     loss = || eps - unet(x_t, t, context) ||^2
+#
+# Caption dropout: with probability p the context is the empty prompt's, so the same network also
+# learns the unconditional prediction eps(x_t, t, "") that classifier-free guidance extrapolates from
+# (SD1.5 dropped 10% of captions). The EMA copy, theta_ema <- decay theta_ema + (1 - decay) theta,
+# averages out the last steps' noise; SD1.5's published weights are its EMA weights, and so are ours.
+# SD1.5 used decay 0.9999, an average over its last ~10,000 of several hundred thousand steps; a run of
+# a couple of thousand steps needs a shorter memory: 0.999, ~1,000 steps.
+#
+# One addition to SD1.5's recipe, for a model trained in minutes rather than weeks: Min-SNR loss
+# weighting (Hang et al. 2023). Nearly clean latents (high signal-to-noise ratio, small t) are easy
+# and only polish details, yet the plain loss gives them as much say as the noisy steps where the
+# layout is decided; weighting each sample's loss by min(SNR_t, gamma) / SNR_t (gamma = 5) turns them
+# down and converges ~3x faster. It changes how much each timestep counts, not what is predicted:
+# the U-Net still predicts eps, for every t of SD1.5's schedule.
+
+
+def ema_update(ema: nn.Module, model: nn.Module, decay: float):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter."""
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)
+
+
+def train_unet(latents: torch.Tensor, contexts: torch.Tensor, empty_context: torch.Tensor, config: UNetConfig = None,
+               steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
+               ema_decay: float = 0.999, min_snr_gamma: float = 5.0, seed: int = 0, log=print, log_every: int = 100):
+    """Train a UNet2DConditionModel on cached latents (N, 4, h, w) and contexts (N, 77, D).
+
+    empty_context (1, 77, D) is the empty prompt's context, used for caption dropout.
+    min_snr_gamma=None gives SD1.5's plain (unweighted) loss. Returns (unet, ema_unet, losses per step).
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(config or tiny_unet_config(contexts.shape[-1]))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    T = SD15.num_train_timesteps
+    losses, start = [], time.time()
+    unet.train()
+    for step, idx in zip(range(steps), random_batches(len(latents), batch_size, generator)):
+        _set_lr(optimizer, lr_at(step, steps, lr, warmup=min(200, steps // 10 + 1)))
+        x0, context = latents[idx], contexts[idx]                             # (B, 4, h, w), (B, 77, D)
+        dropped = torch.rand(len(idx), generator=generator) < caption_dropout  # (B,)
+        context = torch.where(dropped[:, None, None], empty_context, context)
+        t = torch.randint(0, T, (len(idx),), generator=generator)              # (B,)
+        eps = torch.randn(x0.shape, generator=generator)
+        x_t = add_noise(x0, eps, t)                                            # sqrt(abar) x0 + sqrt(1 - abar) eps
+        per_sample = (unet(x_t, t, context) - eps).pow(2).mean(dim=(1, 2, 3))   # (B,)
+        if min_snr_gamma is not None:
+            ratio = snr(t)                                                     # abar_t / (1 - abar_t)
+            per_sample = per_sample * ratio.clamp(max=min_snr_gamma) / ratio
+        loss = per_sample.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        # Early on the average would be dominated by the random initialisation; ramp the decay up
+        # (1 + n) / (10 + n) -> ema_decay, as the LDM code's EMA does.
+        ema_update(ema, unet, min(ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            _log(log, f"unet step {step + 1:5d}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
+                      f"{time.time() - start:.0f}s")
+    return unet.eval(), ema.eval(), losses
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Saving: a diffusers-style folder
+# ---------------------------------------------------------------------------------------------
+#
+#     assets/tinysd/
+#       model_index.json                       which class each subfolder holds (diffusers reads it)
+#       unet/config.json, unet/diffusion_pytorch_model.safetensors          the EMA weights
+#       vae/config.json,  vae/diffusion_pytorch_model.safetensors           scaling_factor in the config
+#       text_encoder/config.json, text_encoder/model.safetensors
+#       scheduler/scheduler_config.json        SD1.5's noise schedule (the model was trained on it)
+#       training.json                          the command, seed, step counts, timings, final losses
+#       README.md                              the same, for people (a model card)
+#
+# No tokenizer/ folder: TinySD uses CLIP's tokenizer, which sdlearn ships in assets/clip/.
+# Weights are stored as float16 (half the size; the loader converts to the dtype asked for, fp32 by default).
+
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "num_train_timesteps": SD15.num_train_timesteps,
+    "beta_start": SD15.beta_start, "beta_end": SD15.beta_end, "beta_schedule": SD15.beta_schedule,
+    "steps_offset": SD15.steps_offset, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "clip_sample": False, "prediction_type": "epsilon",
+}
+
+
+def _write_json(path: Path, data: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_weights(path: Path, model: nn.Module, dtype: torch.dtype):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def check_output_folder(folder, overwrite: bool):
+    """Refuse to replace a non-empty folder unless overwrite=True (a finished model takes an hour to retrain)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{folder} already exists and is not empty; sdlearn.train never overwrites a trained model. "
+            "Choose another --out folder, or pass --overwrite to replace it."
+        )
+
+
+def model_card(info: dict) -> str:
+    """A short README for the folder: what TinySD is and how it was made (from training.json's contents)."""
+    p, sec, steps = info["parameters"], info["seconds"], info["steps"]
+    return f"""# TinySD
+
+A miniature Stable Diffusion 1.5, trained from scratch by `sdlearn.train` on the procedural shapes world
+(`sdlearn.shapes`): 64x64 RGB images, 8x8x4 latents, prompts like "a small red circle at the top left on a
+blue background". Same classes and loader as SD1.5, smaller configs:
+
+| part | parameters | trained for |
+|---|---|---|
+| VAE (AutoencoderKL, 8x downsampling, 4 latent channels) | {p['vae']:,} | {steps['vae']} steps |
+| text encoder (CLIPTextModel, CLIP tokenizer, contrastive) | {p['text_encoder']:,} | {steps['clip']} steps |
+| U-Net (UNet2DConditionModel, eps-prediction, EMA weights) | {p['unet']:,} | {steps['unet']} steps |
+
+Latent scaling factor: {info['scaling_factor']:.5f} (1 / std of the training latents; SD1.5's is 0.18215).
+VAE reconstruction PSNR on held-out scenes: {info['vae_heldout_psnr_db']} dB.
+
+Load it with `sdlearn.load_pipeline("tiny")`. Weights are stored as float16 and load as float32.
+
+Made by `{info['command']}` (seed {info['seed']}, {info['scenes']} scenes) in {sec['total'] / 60:.1f} minutes on
+{info['machine']}. Held-out colour-shape pairs ({", ".join(" ".join(pair) for pair in sorted(shapes.HELD_OUT))})
+never appear in training. Prompt-following figures: benchmarks/RESULTS.md (section TinySD).
+"""
+
+
+def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+                overwrite: bool = False, dtype: torch.dtype = torch.float16, info: dict = None) -> Path:
+    """Write the three models as a diffusers-style folder that `sdlearn.load_pipeline(folder)` reads."""
+    folder = Path(folder)
+    check_output_folder(folder, overwrite)
+    # Write next to the target and swap at the end, so an interrupted save never leaves half a model.
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write_json(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "PNDMScheduler"],
+        "tokenizer": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    })
+    _write_json(tmp / "unet" / "config.json", {"_class_name": "UNet2DConditionModel", **unet.config.to_diffusers()})
+    _save_weights(tmp / "unet" / "diffusion_pytorch_model.safetensors", unet, dtype)
+    _write_json(tmp / "vae" / "config.json", {"_class_name": "AutoencoderKL", **vae.config.to_diffusers(),
+                                              "sample_size": 8 * unet.config.sample_size})
+    _save_weights(tmp / "vae" / "diffusion_pytorch_model.safetensors", vae, dtype)
+    _write_json(tmp / "text_encoder" / "config.json", {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                                                       **text_encoder.config.to_transformers()})
+    _save_weights(tmp / "text_encoder" / "model.safetensors", text_encoder, dtype)
+    _write_json(tmp / "scheduler" / "scheduler_config.json", SD15_SCHEDULER)
+    if info is not None:
+        _write_json(tmp / "training.json", info)
+        (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The whole recipe, and the command line
+# ---------------------------------------------------------------------------------------------
+
+# Step counts of the full run (~35 minutes on an idle 2-core CPU, 52 on this project's busy one) and of --quick (~1 minute).
+FULL = dict(scenes=30000, vae_steps=2000, clip_steps=400, unet_steps=1800)
+QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
+
+
+def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: int = FULL["vae_steps"],
+                 clip_steps: int = FULL["clip_steps"], unet_steps: int = FULL["unet_steps"],
+                 overwrite: bool = False, log=print, command: str = None) -> Path:
+    """Train VAE, text encoder and U-Net in turn from `seed` and save them to `out`. Returns the folder."""
+    check_output_folder(out, overwrite)   # before an hour of training, not after
+    timings, start = {}, time.time()
+
+    # Data: one set of training scenes (held-out colour-shape pairs never appear) for all three models.
+    images, captions = shapes.dataset(scenes, seed=seed, split="train")
+    tokenizer = CLIPTokenizer()
+    input_ids = tokenizer(captions)                                              # (N, 77)
+    timings["data"] = time.time() - start
+    _log(log, f"{scenes} scenes, e.g. {captions[0]!r}  ({timings['data']:.0f}s)")
+
+    # 1 and 2 need nothing from each other, so the text encoder trains in a second process while the
+    # VAE trains here: one CPU core each.
+    t0 = time.time()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(torch.get_num_threads(),)) as pool:
+        clip_job = pool.submit(train_clip, images, input_ids, steps=clip_steps, seed=seed + 1, log=log)
+
+        # 1. VAE, then its scaling factor (1 / std of the latents), stored in its config.
+        vae, vae_losses = train_vae(images, steps=vae_steps, seed=seed, log=log)
+        vae.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        vae.config.scaling_factor = scaling_factor(vae, images[:1024], generator)
+        vae_psnr = reconstruction_psnr(vae, shapes.dataset(min(256, scenes), seed=seed + 1_000_000, split="heldout")[0])
+        timings["vae"] = time.time() - t0
+        _log(log, f"vae: scaling factor {vae.config.scaling_factor:.4f}, held-out PSNR {vae_psnr:.1f} dB "
+                  f"({timings['vae']:.0f}s)")
+
+        # 2. Text encoder, trained contrastively, then frozen.
+        text_encoder, _, clip_losses = clip_job.result()
+        timings["vae+clip"] = time.time() - t0
+
+    # 3. U-Net on latents and contexts computed once (both models are frozen, so they never change).
+    t0 = time.time()
+    latents = encode_latents(vae, images, vae.config.scaling_factor, generator=generator)   # (N, 4, 8, 8)
+    contexts = encode_captions(text_encoder, input_ids)                                    # (N, 77, 64)
+    empty_context = encode_captions(text_encoder, tokenizer([""]))                         # (1, 77, 64)
+    timings["cache"] = time.time() - t0
+    _log(log, f"cached latents {tuple(latents.shape)} (std {latents.std():.3f}) and contexts {tuple(contexts.shape)} "
+              f"({timings['cache']:.0f}s)")
+    t0 = time.time()
+    _, ema, unet_losses = train_unet(latents, contexts, empty_context, steps=unet_steps, seed=seed + 2, log=log)
+    timings["unet"] = time.time() - t0
+    timings["total"] = time.time() - start
+
+    info = {
+        "command": command, "seed": seed, "scenes": scenes,
+        "steps": {"vae": vae_steps, "clip": clip_steps, "unet": unet_steps},
+        "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
+                       "unet": count_parameters(ema)},
+        "scaling_factor": vae.config.scaling_factor, "vae_heldout_psnr_db": round(vae_psnr, 2),
+        "final_losses": {"vae": float(np.mean(vae_losses[-100:])), "clip": float(np.mean(clip_losses[-100:])),
+                         "unet": float(np.mean(unet_losses[-100:]))},
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "machine": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
+    }
+    folder = save_tinysd(out, vae, text_encoder, ema, overwrite=overwrite, info=info)
+    _log(log, f"saved {folder} — total {timings['total'] / 60:.1f} min")
+    return folder
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def log_line(text: str):
+    """Print one progress line with the time of day (a module-level function, so the CLIP process can use it)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m sdlearn.train",
+        description="Train TinySD (VAE, CLIP text encoder, U-Net) on the shapes world and save it as a "
+                    "diffusers-style folder that sdlearn.load_pipeline reads.")
+    parser.add_argument("--out", required=True, help="output folder, e.g. assets/tinysd")
+    parser.add_argument("--seed", type=int, default=0, help="everything (data, init, batches, noise) follows from it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds a model")
+    parser.add_argument("--quick", action="store_true", help="a ~1-minute smoke run (a poor model) to check the setup")
+    for name in ("scenes", "vae_steps", "clip_steps", "unet_steps"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                            help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice). Results are reproducible for a given "
+                             "seed and thread count; a different thread count changes the float rounding")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    counts = {name: getattr(args, name) if getattr(args, name) is not None else (QUICK if args.quick else FULL)[name]
+              for name in FULL}
+    try:
+        check_output_folder(args.out, args.overwrite)
+    except FileExistsError as e:
+        parser.exit(2, f"error: {e}\n")
+    command = "python -m sdlearn.train " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    train_tinysd(args.out, seed=args.seed, overwrite=args.overwrite, log=log_line, command=command, **counts)
+
+
+if __name__ == "__main__":
+    main()

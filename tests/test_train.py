@@ -1,0 +1,185 @@
+"""sdlearn.train: each model learns (a few steps on tiny configs), runs are reproducible from the seed,
+the scaling factor is 1/std of the latents, the saved folder loads, and a trained model is never overwritten."""
+
+import numpy as np
+import pytest
+import torch
+
+import sdlearn
+from sdlearn import shapes, train
+from sdlearn.clip import CLIPTextConfig
+from sdlearn.tokenizer import CLIPTokenizer
+from sdlearn.unet import UNetConfig
+from sdlearn.vae import VAEConfig
+from sdlearn.weights import TensorFile
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, captions = shapes.dataset(64, seed=0, size=32)  # 32x32: 4x4 latents, cheap
+    return images, captions, CLIPTokenizer()(captions)
+
+
+def tiny_vae():
+    return VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, scaling_factor=1.0)
+
+
+def tiny_clip():
+    return CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+
+
+def tiny_unet():
+    return UNetConfig(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, attention_head_dim=2,
+                      cross_attention_dim=16, norm_num_groups=8, sample_size=4)
+
+
+def falls(losses, k=5):
+    """Mean of the last k losses clearly below the mean of the first k."""
+    first, last = np.mean(losses[:k]), np.mean(losses[-k:])
+    return last < 0.8 * first, (first, last)
+
+
+def test_vae_loss_falls(data):
+    images, _, _ = data
+    _, losses = train.train_vae(images, tiny_vae(), steps=40, batch_size=8, lr=3e-3, seed=0, log=None)
+    ok, (first, last) = falls(losses)
+    assert ok, f"VAE loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+def test_clip_loss_falls_and_encoder_is_frozen(data):
+    images, _, ids = data
+    text_encoder, pair, losses = train.train_clip(images, ids, tiny_clip(), steps=40, batch_size=16, lr=3e-3,
+                                                  seed=0, log=None)
+    ok, (first, last) = falls(losses)
+    assert ok, f"contrastive loss did not fall: {first:.3f} -> {last:.3f}"
+    assert first == pytest.approx(np.log(16), rel=0.2)  # chance level: -log(1/B) for a batch of B
+    assert not any(p.requires_grad for p in text_encoder.parameters())
+
+
+def test_unet_learns_and_ema_lags(data):
+    torch.manual_seed(0)
+    latents = torch.randn(32, 4, 4, 4) * 0.5 + torch.linspace(-1, 1, 4)[None, :, None, None]
+    contexts = torch.randn(32, 77, 16)
+    empty = torch.zeros(1, 77, 16)
+    # A fixed evaluation batch: same t and noise before and after training.
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (32,), generator=g)
+    eps = torch.randn(latents.shape, generator=g)
+    x_t = sdlearn.schedule.add_noise(latents, eps, t)
+
+    def eval_loss(unet):
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(unet(x_t, t, contexts), eps).item()
+
+    init, _, _ = train.train_unet(latents, contexts, empty, tiny_unet(), steps=0, seed=0, log=None)
+    unet, ema, losses = train.train_unet(latents, contexts, empty, tiny_unet(), steps=60, batch_size=16, lr=2e-3,
+                                         seed=0, log=None)
+    assert len(losses) == 60
+    assert eval_loss(unet) < 0.7 * eval_loss(init), (eval_loss(init), eval_loss(unet))
+    # The EMA copy is a different set of weights, lagging behind the trained ones.
+    assert not torch.equal(ema.conv_in.weight, unet.conv_in.weight)
+    assert eval_loss(ema) < eval_loss(init)
+
+
+def test_ema_update_is_the_moving_average():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = 0.9 * a.weight.detach().clone() + 0.1 * b.weight.detach()
+    train.ema_update(a, b, 0.9)
+    torch.testing.assert_close(a.weight.detach(), expected)
+
+
+def test_caption_dropout_uses_the_empty_context(data):
+    # With dropout 1.0 every caption is replaced: contexts that are NaN can then never reach the U-Net.
+    latents = torch.randn(8, 4, 4, 4)
+    contexts = torch.full((8, 77, 16), float("nan"))
+    _, _, losses = train.train_unet(latents, contexts, torch.zeros(1, 77, 16), tiny_unet(), steps=3, batch_size=4,
+                                    caption_dropout=1.0, seed=0, log=None)
+    assert np.isfinite(losses).all()
+    _, _, losses = train.train_unet(latents, contexts, torch.zeros(1, 77, 16), tiny_unet(), steps=3, batch_size=4,
+                                    caption_dropout=0.0, seed=0, log=None)
+    assert not np.isfinite(losses).any()
+
+
+def test_trim_padding_keeps_what_pooled_reads(data):
+    _, _, ids = data
+    trimmed = train.trim_padding(ids[:8])
+    assert trimmed.shape[1] < 77
+    clip = sdlearn.clip.CLIPTextModel(tiny_clip()).eval()
+    with torch.no_grad():
+        full = clip.pooled(clip(ids[:8]), ids[:8])
+        short = clip.pooled(clip(trimmed), trimmed)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-6)
+
+
+def test_scaling_factor_is_one_over_latent_std(data):
+    images, _, _ = data
+    vae = sdlearn.vae.AutoencoderKL(tiny_vae()).eval()
+    g = torch.Generator().manual_seed(0)
+    sf = train.scaling_factor(vae, images, g)
+    latents = train.encode_latents(vae, images, sf, generator=torch.Generator().manual_seed(0))
+    assert latents.std().item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_lr_schedule():
+    lrs = [train.lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # warmup, then only down
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+# --- the command: reproducible, loadable, never overwrites -------------------------------------------
+
+ARGS = ["--seed", "3", "--scenes", "64", "--vae-steps", "2", "--clip-steps", "2", "--unet-steps", "2", "--threads", "1"]
+
+
+def weights(folder):
+    out = {}
+    for part, name in (("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
+                       ("text_encoder", "model.safetensors")):
+        tf = TensorFile.open(folder / part / name)
+        out.update({f"{part}.{k}": tf[k] for k in tf.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "tinysd"
+    train.main(["--out", str(folder)] + ARGS)
+    return folder
+
+
+def test_command_writes_a_loadable_folder(trained):
+    pipe = sdlearn.load_pipeline(trained)
+    assert pipe.default_size == 64
+    assert pipe.vae.config.scaling_factor != 1.0     # measured, not the placeholder
+    assert pipe.unet.conv_in.weight.dtype == torch.float32   # stored as fp16, loaded as fp32
+    out = pipe.txt2img("a red circle", steps=2, sampler="DPM++ 2M Karras", seed=0, progress=False)
+    assert out.images[0].size == (64, 64)
+    assert all(t.dtype == torch.float16 for t in weights(trained).values())
+
+
+def test_same_seed_same_model(trained, tmp_path):
+    again = tmp_path / "again"
+    train.main(["--out", str(again)] + ARGS)
+    a, b = weights(trained), weights(again)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_another_seed_another_model(data):
+    images, _, _ = data
+    runs = [train.train_vae(images, tiny_vae(), steps=1, batch_size=4, seed=s, log=None)[0] for s in (0, 0, 1)]
+    w = [vae.encoder.conv_in.weight for vae in runs]
+    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
+
+
+def test_never_overwrites_without_flag(trained, capsys):
+    before = {p: p.stat().st_mtime_ns for p in trained.rglob("*")}
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(trained)] + ARGS)
+    assert exit_info.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in trained.rglob("*")} == before
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train.save_tinysd(trained, None, None, None)
