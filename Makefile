@@ -29,7 +29,8 @@ NOTEBOOKS = $(wildcard notebooks/*.ipynb)
 
 test: $(STAMP)
 	$(PY) exercises/make_exercises.py --check
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests --nbval exercises/solutions $(NOTEBOOKS)
+	# One thread: two threads on a shared 2-core machine spin against each other (a 50x slowdown was seen).
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests --nbval exercises/solutions $(NOTEBOOKS)
 
 clean-venv:
 	rm -rf $(VENV)
