@@ -409,8 +409,10 @@ class Pipeline:
         if len(sigmas) < 2:  # strength 0 in diffusers' counting: nothing to do
             x = x0
         else:
-            if mode == "diffusers" and strength == 1:
-                x = initial_latents(noise, sigmas, vp=spec.vp_start)  # diffusers starts from pure noise
+            if mode == "diffusers" and strength == 1 and latent_mask is not None:
+                # diffusers' inpaint pipeline starts from pure noise at strength 1; its img2img pipeline
+                # still noises the image (x0 + σ_max · noise: a trace of the image survives).
+                x = initial_latents(noise, sigmas, vp=spec.vp_start)
             else:
                 x = initial_latents(noise, sigmas, x0=x0)  # x = x0 + σ_start · noise
             step_callback = callback

@@ -105,7 +105,8 @@ def test_a1111_prompt_mode_equals_diffusers_for_a_plain_prompt(models):
     assert (a - b).abs().max() < 1e-6
 
 
-def test_img2img_equals_diffusers(models, hf_tokenizer):
+@pytest.mark.parametrize("strength, n_steps", [(0.6, 6), (1.0, 10)])
+def test_img2img_equals_diffusers(models, hf_tokenizer, strength, n_steps):
     refs, ours = models
     scheduler = EulerDiscreteScheduler.from_config(SD15_SCHEDULER, use_karras_sigmas=True)
     ref = reference_pipeline(StableDiffusionImg2ImgPipeline, refs, hf_tokenizer, scheduler)
@@ -113,14 +114,14 @@ def test_img2img_equals_diffusers(models, hf_tokenizer):
     # diffusers draws a sample of the VAE posterior; sdlearn takes its mean. Hand diffusers that mean as
     # latents (its img2img accepts 4-channel input) so both start from the same clean latent.
     init = ours.encode_image(image)
-    expected = ref(PROMPT, image=init, strength=0.6, num_inference_steps=10, guidance_scale=7.0,
+    expected = ref(PROMPT, image=init, strength=strength, num_inference_steps=10, guidance_scale=7.0,
                    generator=torch.Generator().manual_seed(11), output_type="latent").images
     steps = []
-    got = ours.img2img(image, PROMPT, strength=0.6, steps=10, cfg_scale=7.0, sampler="Euler", scheduler="karras",
+    got = ours.img2img(image, PROMPT, strength=strength, steps=10, cfg_scale=7.0, sampler="Euler", scheduler="karras",
                        seed=11, mode="diffusers", progress=False, callback=lambda d: steps.append(d["i"]))
     diff = (got.latents - expected).abs().max().item()
-    print(f"img2img Euler Karras: max abs latent difference {diff:.2e}")
-    assert len(steps) == 6 and diff < 1e-4  # diffusers runs int(0.6 * 10) = 6 steps
+    print(f"img2img Euler Karras, strength {strength}: max abs latent difference {diff:.2e}")
+    assert len(steps) == n_steps and diff < 1e-4  # diffusers runs int(strength * 10) steps
 
 
 @pytest.fixture()
