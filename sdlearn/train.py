@@ -24,7 +24,11 @@ small configs, on the procedural world of `sdlearn.shapes` (64x64 images, 8x8x4 
 
 and one command runs it all, reproducibly from a seed, on a laptop CPU in under an hour:
 
-    python -m sdlearn.train --out assets/tinysd --seed 0
+    python -m sdlearn.train --out assets/tinysd --seed 0 --threads 1     # how the shipped model was made
+
+(--quick: a one-minute smoke run; --vae-steps, --clip-steps, --unet-steps, --scenes: the budget. The same
+seed and thread count on the same machine give the same weights; another thread count or CPU rounds
+floats differently, which gives an equally good model with different bits.)
 
 `sdlearn.load_pipeline("tiny")` then loads the folder through the same loader as SD1.5's diffusers
 folders. The folder never gets overwritten by accident: pass --overwrite to replace it.
@@ -356,7 +360,7 @@ def encode_captions(text_encoder: CLIPTextModel, input_ids: torch.Tensor, batch_
 # (SD1.5 dropped 10% of captions). The EMA copy, theta_ema <- decay theta_ema + (1 - decay) theta,
 # averages out the last steps' noise; SD1.5's published weights are its EMA weights, and so are ours.
 # SD1.5 used decay 0.9999, an average over its last ~10,000 of several hundred thousand steps; a run of
-# a couple of thousand steps needs a shorter memory: 0.999, ~1,000 steps.
+# a few thousand steps needs a shorter memory, 0.995 (~200 steps), or it ships weights from long ago.
 #
 # One addition to SD1.5's recipe, for a model trained in minutes rather than weeks: Min-SNR loss
 # weighting (Hang et al. 2023). Nearly clean latents (high signal-to-noise ratio, small t) are easy
@@ -373,9 +377,27 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float):
             p_ema.lerp_(p, 1.0 - decay)
 
 
+def diffusion_loss(unet: UNet2DConditionModel, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator,
+                   min_snr_gamma: float | None = 5.0) -> torch.Tensor:
+    """SD1.5's training loss on a batch of clean latents x0 (B, 4, h, w) with contexts (B, 77, D).
+
+    Draws t ~ U{0..999} and eps ~ N(0, I) from `generator`, noises x0 to x_t and returns the mean
+    squared error of the predicted noise, Min-SNR weighted unless min_snr_gamma is None. Fine-tuning
+    (sdlearn.finetune) trains with the same loss.
+    """
+    t = torch.randint(0, SD15.num_train_timesteps, (len(x0),), generator=generator)   # (B,)
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = add_noise(x0, eps, t)                                           # sqrt(abar) x0 + sqrt(1 - abar) eps
+    per_sample = (unet(x_t, t, context) - eps).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma is not None:
+        ratio = snr(t)                                                    # abar_t / (1 - abar_t)
+        per_sample = per_sample * ratio.clamp(max=min_snr_gamma) / ratio
+    return per_sample.mean()
+
+
 def train_unet(latents: torch.Tensor, contexts: torch.Tensor, empty_context: torch.Tensor, config: UNetConfig = None,
                steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, caption_dropout: float = 0.1,
-               ema_decay: float = 0.999, min_snr_gamma: float = 5.0, seed: int = 0, log=print, log_every: int = 100):
+               ema_decay: float = 0.995, min_snr_gamma: float = 5.0, seed: int = 0, log=print, log_every: int = 100):
     """Train a UNet2DConditionModel on cached latents (N, 4, h, w) and contexts (N, 77, D).
 
     empty_context (1, 77, D) is the empty prompt's context, used for caption dropout.
@@ -386,7 +408,6 @@ def train_unet(latents: torch.Tensor, contexts: torch.Tensor, empty_context: tor
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
-    T = SD15.num_train_timesteps
     losses, start = [], time.time()
     unet.train()
     for step, idx in zip(range(steps), random_batches(len(latents), batch_size, generator)):
@@ -394,14 +415,7 @@ def train_unet(latents: torch.Tensor, contexts: torch.Tensor, empty_context: tor
         x0, context = latents[idx], contexts[idx]                             # (B, 4, h, w), (B, 77, D)
         dropped = torch.rand(len(idx), generator=generator) < caption_dropout  # (B,)
         context = torch.where(dropped[:, None, None], empty_context, context)
-        t = torch.randint(0, T, (len(idx),), generator=generator)              # (B,)
-        eps = torch.randn(x0.shape, generator=generator)
-        x_t = add_noise(x0, eps, t)                                            # sqrt(abar) x0 + sqrt(1 - abar) eps
-        per_sample = (unet(x_t, t, context) - eps).pow(2).mean(dim=(1, 2, 3))   # (B,)
-        if min_snr_gamma is not None:
-            ratio = snr(t)                                                     # abar_t / (1 - abar_t)
-            per_sample = per_sample * ratio.clamp(max=min_snr_gamma) / ratio
-        loss = per_sample.mean()
+        loss = diffusion_loss(unet, x0, context, generator, min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -525,8 +539,8 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # 6. The whole recipe, and the command line
 # ---------------------------------------------------------------------------------------------
 
-# Step counts of the full run (~35 minutes on an idle 2-core CPU, 52 on this project's busy one) and of --quick (~1 minute).
-FULL = dict(scenes=30000, vae_steps=2000, clip_steps=400, unet_steps=1800)
+# Step counts of the full run (~45 minutes on an idle 2-core CPU) and of --quick (~1 minute).
+FULL = dict(scenes=30000, vae_steps=2000, clip_steps=800, unet_steps=3000)
 QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
 
 
