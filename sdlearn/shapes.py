@@ -21,6 +21,7 @@ Reading order:
      box-downsampled, i.e. anti-aliased);
   3. captions: `scene_to_caption` writes one, `parse_caption` reads one back (the grammar is below);
   4. `random_scene(rng)` = sample + caption + render, and `dataset(n)` for training;
+     `dataset(n, new_colour="pink")` draws scenes that use a word TinySD was never trained on (below);
   5. the judge: find the background, cut the image into objects, name each object's colour, shape,
      size and position, match them to what the caption asked for; `accuracy` over many images.
 
@@ -71,6 +72,17 @@ COLOURS = {
     "black": (25, 25, 25),
 }
 MIN_CONTRAST = 120.0
+
+# New words: colours that exist in the world's grammar and renderer but are never drawn by the default
+# scenes, so TinySD never sees them in training. Fine-tuning (sdlearn.finetune) teaches one of them to
+# the finished model — what a designer does with a LoRA or an embedding for a style the checkpoint does
+# not know. Pink sits at least 140 from every colour above (nearest: purple and white), so neither the
+# judge nor a blurry generator can mistake it for an old colour. The judge only considers a new colour
+# when the caption uses one: every verdict on a base-world caption is exactly what it was before.
+NEW_COLOURS = {
+    "pink": (255, 110, 190),
+}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 
 # Six shapes that stay distinguishable at 16 pixels across, even blurred: each has a different outline
 # (round, square corners, one apex, four points, five points, four arms). All are drawn upright.
@@ -206,10 +218,10 @@ def _object_box(obj, size):
 
 
 def _check_scene(scene):
-    if scene.background not in COLOURS:
-        raise ValueError(f"unknown background colour {scene.background!r}; the colours are {', '.join(COLOURS)}")
+    if scene.background not in ALL_COLOURS:
+        raise ValueError(f"unknown background colour {scene.background!r}; the colours are {', '.join(ALL_COLOURS)}")
     for obj in scene.objects:
-        for name, value, allowed in (("shape", obj.shape, SHAPES), ("colour", obj.colour, COLOURS),
+        for name, value, allowed in (("shape", obj.shape, SHAPES), ("colour", obj.colour, ALL_COLOURS),
                                      ("size", obj.size, SIZES), ("position", obj.position, POSITIONS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r} in {obj}; allowed: {', '.join(allowed)}")
@@ -220,12 +232,12 @@ def render(scene):
     """Draw a Scene as an RGB PIL image of scene.image_size pixels, anti-aliased."""
     _check_scene(scene)
     big = scene.image_size * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), COLOURS[scene.background])
+    img = Image.new("RGB", (big, big), ALL_COLOURS[scene.background])
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in _object_box(obj, scene.image_size))
         points, _ = _shape_outline(obj.shape)
-        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in points], fill=COLOURS[obj.colour])
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in points], fill=ALL_COLOURS[obj.colour])
     # Image.reduce averages each 4x4 block: every pixel gets the fraction of it the shape covers.
     return img.reduce(_SUPERSAMPLE)
 
@@ -246,15 +258,23 @@ def _boxes_apart(a, b, gap):
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def sample_scene(rng, size=64, split="train"):
+def sample_scene(rng, size=64, split="train", new_colour=None):
     """Draw a random Scene: 1-3 objects in 1-3 kinds, each kind a distinct (colour, shape).
 
     split="train" never uses a HELD_OUT colour-shape pair, "heldout" always uses at least one,
-    "all" draws from everything.
+    "all" draws from everything. new_colour (one of NEW_COLOURS, e.g. "pink"): one kind, chosen at
+    random, takes that colour and a random shape; the other kinds follow `split` ("train" or "all").
+    Without it (the default) the scene uses only COLOURS, drawn exactly as before new words existed.
     """
     size = _check_image_size(size)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if new_colour is not None:
+        if new_colour not in NEW_COLOURS:
+            raise ValueError(f"new_colour must be one of the new words {', '.join(NEW_COLOURS)}, got {new_colour!r}"
+                             + (" (a colour TinySD already knows)" if new_colour in COLOURS else ""))
+        if split == "heldout":
+            raise ValueError("new_colour scenes use split='train' or 'all'; held-out pairs are about old colours")
     rng = _as_random(rng)
     all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
     allowed = [p for p in all_pairs if p not in HELD_OUT] if split == "train" else all_pairs
@@ -267,9 +287,11 @@ def sample_scene(rng, size=64, split="train"):
         pairs = rng.sample(allowed, len(layout))      # distinct (colour, shape) per kind
         if split == "heldout" and not any(p in HELD_OUT for p in pairs):
             pairs[rng.randrange(len(pairs))] = rng.choice(sorted(p for p in HELD_OUT if p not in pairs))
+        if new_colour is not None:       # (only this branch draws more numbers: the default path is unchanged)
+            pairs[rng.randrange(len(pairs))] = (new_colour, rng.choice(SHAPES))
         colours = {c for c, _ in pairs}
-        backgrounds = [b for b in COLOURS
-                       if all(math.dist(COLOURS[b], COLOURS[c]) >= MIN_CONTRAST for c in colours)]
+        backgrounds = [b for b in COLOURS     # backgrounds stay old colours: the new word is the object's
+                       if all(math.dist(COLOURS[b], ALL_COLOURS[c]) >= MIN_CONTRAST for c in colours)]
         if backgrounds:
             break
     background = rng.choice(backgrounds)
@@ -398,9 +420,9 @@ def _parse_group(text, caption):
     size = None
     if words[i] in SIZES:
         size, i = words[i], i + 1
-    if i >= len(words) or words[i] not in COLOURS:
+    if i >= len(words) or words[i] not in ALL_COLOURS:
         got = words[i] if i < len(words) else "nothing"
-        raise CaptionError(f"expected a colour ({', '.join(COLOURS)}), got {got!r} {where}")
+        raise CaptionError(f"expected a colour ({', '.join(ALL_COLOURS)}), got {got!r} {where}")
     colour, i = words[i], i + 1
     singular = {v: k for k, v in PLURALS.items()}
     noun = words[i] if i < len(words) else "nothing"
@@ -438,9 +460,9 @@ def parse_caption(caption):
         m = pattern.match(text)
         if m:
             background, objects = m.group(bg_group), m.group(obj_group)
-            if background not in COLOURS:
+            if background not in ALL_COLOURS:
                 raise CaptionError(f"unknown background colour {background!r} in {caption!r}; "
-                                   f"the colours are {', '.join(COLOURS)}")
+                                   f"the colours are {', '.join(ALL_COLOURS)}")
             break
     groups = tuple(_parse_group(g, caption) for g in re.split(r", and |, | and ", objects))
     spec = SceneSpec(background=background, objects=groups)
@@ -453,23 +475,27 @@ def parse_caption(caption):
 # 4. The generator the training loop calls
 # ---------------------------------------------------------------------------------------------------
 
-def random_scene(rng, size=64, split="train"):
+def random_scene(rng, size=64, split="train", new_colour=None):
     """One random (PIL image, caption). Deterministic for a given seed.
 
-    Equal to: r = random.Random(seed); scene = sample_scene(r, size, split);
+    Equal to: r = random.Random(seed); scene = sample_scene(r, size, split, new_colour);
     caption = scene_to_caption(scene, r); image = render(scene).
     """
     rng = _as_random(rng)
-    scene = sample_scene(rng, size, split)
+    scene = sample_scene(rng, size, split, new_colour)
     return render(scene), scene_to_caption(scene, rng)
 
 
-def dataset(n, seed=0, size=64, split="train"):
-    """n random scenes as (uint8 array (n, size, size, 3), list of n captions), for training."""
+def dataset(n, seed=0, size=64, split="train", new_colour=None):
+    """n random scenes as (uint8 array (n, size, size, 3), list of n captions), for training.
+
+    new_colour="pink": every scene has one kind of object in that new colour ("a small pink star on
+    the left, black background"): the fine-tuning data of sdlearn.finetune.
+    """
     rng = random.Random(seed)
     images, captions = np.empty((n, size, size, 3), np.uint8), []
     for i in range(n):
-        image, caption = random_scene(rng, size, split)
+        image, caption = random_scene(rng, size, split, new_colour)
         images[i] = np.asarray(image)
         captions.append(caption)
     return images, captions
@@ -527,10 +553,21 @@ def _as_array(image):
     return np.asarray(image.convert("RGB"), np.float32)
 
 
-def _name_colour(rgb):
+def _palette(colours):
+    """(names, (K, 3) float32 RGB) of the colours the judge may name: the world's 8, plus new words asked for."""
+    if colours is None:
+        return _NAMES, _PALETTE
+    unknown = [c for c in colours if c not in ALL_COLOURS]
+    if unknown:
+        raise ValueError(f"unknown colour(s) {unknown}; the colours are {', '.join(ALL_COLOURS)}")
+    names = _NAMES + [c for c in NEW_COLOURS if c in colours]      # the old colours always, in their order
+    return names, np.array([ALL_COLOURS[c] for c in names], np.float32)
+
+
+def _name_colour(rgb, names=_NAMES, palette=_PALETTE):
     """Nearest palette colour name, or "unknown" when none is within _COLOUR_MATCH."""
-    d = np.linalg.norm(_PALETTE - rgb, axis=-1)
-    return _NAMES[int(d.argmin())] if d.min() <= _COLOUR_MATCH else "unknown"
+    d = np.linalg.norm(palette - rgb, axis=-1)
+    return names[int(d.argmin())] if d.min() <= _COLOUR_MATCH else "unknown"
 
 
 def _draw(shape, box, window, sigma=0.0):
@@ -582,19 +619,23 @@ def _fit_shape(shape, alpha, area, mx, my, var_x, var_y):
     return fit * min(stretch, 1 / stretch), (w, h)
 
 
-def find_objects(image):
-    """What the judge sees: {"background": name, "objects": [one dict per blob]} (steps a-f above)."""
+def find_objects(image, colours=None):
+    """What the judge sees: {"background": name, "objects": [one dict per blob]} (steps a-f above).
+
+    colours: the new words (NEW_COLOURS) the judge may also name, e.g. ["pink"]; None = the 8 of COLOURS.
+    """
+    names, palette = _palette(colours)                                             # (K,), (K, 3)
     arr = _as_array(image)                                                           # (H, W, 3)
     H, W = arr.shape[:2]
 
     # a. Background: the palette colour most border pixels are nearest to; its exact shade is the
     #    median of all the image's pixels nearest to that palette colour.
     # |p - q|^2 = |p|^2 - 2 p.q + |q|^2; |p|^2 is the same for every q, so it drops out of the argmin.
-    nearest = ((_PALETTE**2).sum(-1) - 2 * arr @ _PALETTE.T).argmin(-1)              # (H, W) palette index
+    nearest = ((palette**2).sum(-1) - 2 * arr @ palette.T).argmin(-1)              # (H, W) palette index
     border = np.concatenate([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
-    bg_index = np.bincount(border, minlength=len(_NAMES)).argmax()
+    bg_index = np.bincount(border, minlength=len(names)).argmax()
     bg_rgb = np.median(arr[nearest == bg_index], axis=0)                             # (3,)
-    background = _name_colour(bg_rgb)
+    background = _name_colour(bg_rgb, names, palette)
 
     # b. Blobs (8-connected), found on a copy smoothed over ~1 pixel so that noise does not make blobs.
     #    A pixel is "object" when it is clearly off the background AND nearer another palette colour
@@ -603,7 +644,7 @@ def find_objects(image):
     scale = min(H, W) / 64                                   # pixel distances below are for 64x64
     smooth = ndimage.gaussian_filter(arr, (scale, scale, 0))                         # (H, W, 3)
     off_background = np.linalg.norm(smooth - bg_rgb, axis=-1) > _FOREGROUND
-    other_colour = ((_PALETTE**2).sum(-1) - 2 * smooth @ _PALETTE.T).argmin(-1) != bg_index
+    other_colour = ((palette**2).sum(-1) - 2 * smooth @ palette.T).argmin(-1) != bg_index
     labels, _ = ndimage.label(off_background & other_colour, structure=np.ones((3, 3)))
     dist = np.linalg.norm(arr - bg_rgb, axis=-1)                                     # (H, W)
     objects = []
@@ -641,7 +682,7 @@ def find_objects(image):
         cx, cy = (x0 + mx) / W, (y0 + my) / H
         cell = (min(max(int(cy * 3), 0), 2), min(max(int(cx * 3), 0), 2))
         objects.append({
-            "colour": _name_colour(rgb),
+            "colour": _name_colour(rgb, names, palette),
             "shape": best if scores[best] >= _SHAPE_MATCH else "unknown",
             "size": "large" if extent > _SIZE_THRESHOLD else "small",
             "position": next(name for name, rc in POSITIONS.items() if rc == cell),
@@ -669,7 +710,10 @@ def judge(image, caption):
     spec = parse_caption(caption) if isinstance(caption, str) else caption
     if not isinstance(spec, SceneSpec):
         raise TypeError(f"caption must be a string or a SceneSpec, got {type(caption).__name__}")
-    found = find_objects(image)
+    # New words are opt-in: a caption without one is judged against the 8 old colours only, exactly as
+    # before new words existed; "a pink circle" lets the judge name pink as well.
+    asked = {o.colour for o in spec.objects} | {spec.background}
+    found = find_objects(image, [c for c in NEW_COLOURS if c in asked] or None)
     wanted = [o for o in spec.objects for _ in range(o.count)]        # one entry per object asked for
     seen = found["objects"]
 

@@ -385,3 +385,87 @@ def test_accuracy_helper_counts_per_attribute():
     assert acc["shape"] == 1.0 and acc["background"] == 1.0 and acc["count"] == 1.0
     # an attribute no caption asks for is nan, not 0 or 1
     assert math.isnan(accuracy([(render(scene), "a red circle on a white background")])["position"])
+
+
+# --------------------------------------------------------------------------- new words (for fine-tuning)
+
+# sha256 of dataset(50, ...)'s image bytes and captions, computed before new words existed. TinySD is
+# trained from shapes.dataset with a seed, so the default world must never change by a single bit.
+_DATASET_HASHES = {
+    (0, "train", 64): "3b21589d9cab4cb35b0be0b276414748b00eca130f733496c16ab64cdbb306a4",
+    (0, "heldout", 64): "1eea15607f6a0ad955220d0c75acb0da398765fb234e179b5b44b3275c41b66c",
+    (3, "all", 96): "fc7ca3121af6fadd67d81357455caaf3d415957130467d0f40c62933f2b984a2",
+}
+
+
+@pytest.mark.parametrize("seed, split, size", list(_DATASET_HASHES))
+def test_default_dataset_is_bit_identical_to_before_new_words(seed, split, size):
+    import hashlib
+
+    images, captions = shapes.dataset(50, seed=seed, size=size, split=split)
+    digest = hashlib.sha256(images.tobytes())
+    digest.update("\n".join(captions).encode())
+    assert digest.hexdigest() == _DATASET_HASHES[seed, split, size]
+    assert not any(word in caption.split() for caption in captions for word in shapes.NEW_COLOURS)
+
+
+def test_new_colour_is_far_from_the_old_ones_and_never_drawn_by_default():
+    for name, rgb in shapes.NEW_COLOURS.items():
+        assert name not in COLOURS
+        assert min(math.dist(rgb, old) for old in COLOURS.values()) >= 130, name
+    # 2,000 default scenes: not one new word in them
+    _, captions = shapes.dataset(2000, seed=9, split="all")
+    assert not any("pink" in c for c in captions)
+
+
+def test_new_colour_scenes_use_the_word_and_parse_back():
+    images, captions = shapes.dataset(200, seed=4, new_colour="pink")
+    assert images.shape == (200, 64, 64, 3)
+    for caption in captions:
+        spec = parse_caption(caption)
+        colours = [o.colour for o in spec.objects]
+        assert colours.count("pink") == 1, caption          # exactly one kind of object is pink
+        assert spec.background in COLOURS                   # backgrounds stay old colours
+        assert math.dist(shapes.ALL_COLOURS["pink"], COLOURS[spec.background]) >= shapes.MIN_CONTRAST
+    assert len(set(captions)) >= 190
+    assert len({parse_caption(c).objects[0].shape for c in captions if c.startswith(("a pink", "one pink"))}) >= 1
+    # every shape and layout appears in pink
+    shapes_seen = {o.shape for c in captions for o in parse_caption(c).objects if o.colour == "pink"}
+    assert shapes_seen == set(SHAPES)
+    # deterministic, and its own stream: a different seed gives other scenes
+    assert shapes.dataset(5, seed=4, new_colour="pink")[1] == captions[:5]
+    assert shapes.dataset(5, seed=5, new_colour="pink")[1] != captions[:5]
+    # parse_caption reads the new word anywhere a colour goes, background included
+    assert parse_caption("two small pink stars on a blue background").objects == (
+        ObjectSpec("pink", "star", 2, "small"),)
+    assert parse_caption("a red circle on a pink background").background == "pink"
+    with pytest.raises(ValueError, match="new words"):
+        shapes.dataset(2, new_colour="red")
+    with pytest.raises(ValueError, match="held-out"):
+        shapes.dataset(2, new_colour="pink", split="heldout")
+    with pytest.raises(CaptionError, match="pink"):           # the error lists the new colour too
+        parse_caption("a small mauve circle")
+
+
+def test_judge_names_and_scores_the_new_colour():
+    # the judge's own accuracy on pink scenes, clean and degraded like generated images
+    images, captions = shapes.dataset(100, seed=6, new_colour="pink")
+    clean = accuracy([(Image.fromarray(i), c) for i, c in zip(images, captions)])
+    degraded = accuracy([(_degrade(Image.fromarray(i), 1.0, 8.0, k), c)
+                         for k, (i, c) in enumerate(zip(images, captions))])
+    assert clean["overall"] == 1.0
+    for attribute in shapes.ATTRIBUTES + ("overall",):
+        assert degraded[attribute] >= 0.97, (attribute, degraded[attribute])
+
+    pink = render(Scene("blue", (SceneObject("circle", "pink", "large", "center"),)))
+    red = render(Scene("blue", (SceneObject("circle", "red", "large", "center"),)))
+    assert judge(pink, "a large pink circle in the center on a blue background")["overall"] is True
+    # wrong colours are caught both ways
+    assert judge(red, "a large pink circle in the center on a blue background")["colour"] is False
+    wrong = judge(pink, "a large red circle in the center on a blue background")
+    assert wrong["colour"] is False and wrong["shape"] is True
+    # a base-world caption is judged with the 8 old colours only: pink is no colour the world knows there
+    assert shapes.find_objects(pink)["objects"][0]["colour"] == "unknown"
+    assert shapes.find_objects(pink, ["pink"])["objects"][0]["colour"] == "pink"
+    with pytest.raises(ValueError, match="unknown colour"):
+        shapes.find_objects(pink, ["mauve"])
