@@ -184,10 +184,22 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         T = input_ids.shape[1]
+        if extra_tokens is None:
+            tokens = self.token_embedding(input_ids)  # (B, T, D)
+        else:
+            # Added tokens (textual inversion): ids V, V+1, ... past the vocabulary V read the rows of
+            # extra_tokens (N, D) instead of the table, which stays untouched. Equal to growing the table
+            # to V + N rows (transformers' resize_token_embeddings) without copying its 49408 rows, and
+            # gradients reach extra_tokens: that is how an embedding is trained.
+            V = self.token_embedding.num_embeddings
+            added = input_ids >= V  # (B, T)
+            tokens = torch.where(added[..., None],
+                                 extra_tokens.to(self.token_embedding.weight)[(input_ids - V).clamp(min=0)],
+                                 self.token_embedding(input_ids.clamp(max=V - 1)))  # (B, T, D)
         # Positions are always 0..T-1, so the first T rows of the position table are the lookup.
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:T]  # (B, T, D)
+        return tokens + self.position_embedding.weight[:T]  # (B, T, D)
 
 
 class CLIPEncoder(nn.Module):
@@ -214,12 +226,14 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = CLIPTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, extra_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> token vectors (B, T, D), the U-Net's cross-attention `context`.
 
         clip_skip=1: the last layer's output after the final LayerNorm (transformers' last_hidden_state).
         clip_skip=k: the output of layer L-k+1 of L (A1111 "Clip skip" k, ComfyUI CLIPSetLastLayer -k),
         also passed through the final LayerNorm, as A1111 and ComfyUI do. The skipped layers are not run.
+        extra_tokens: (N, D) vectors for the added token ids vocab_size .. vocab_size+N-1 — the vectors
+        of textual-inversion embeddings (sdlearn.embeddings puts their ids into the prompt).
         """
         cfg = self.config
         if input_ids.dim() != 2:
@@ -237,8 +251,17 @@ class CLIPTextModel(nn.Module):
                 f"clip_skip must be an integer from 1 (use the last layer) to {cfg.num_hidden_layers}, "
                 f"got {clip_skip!r}. ComfyUI's CLIPSetLastLayer -2 is clip_skip=2."
             )
+        n_extra = 0 if extra_tokens is None else extra_tokens.shape[0]
+        if extra_tokens is not None and (extra_tokens.ndim != 2 or extra_tokens.shape[1] != cfg.hidden_size):
+            raise ValueError(f"extra_tokens must have shape (N, {cfg.hidden_size}), got {tuple(extra_tokens.shape)}.")
+        if input_ids.numel() and (int(input_ids.max()) >= cfg.vocab_size + n_extra or int(input_ids.min()) < 0):
+            raise ValueError(
+                f"token id {int(input_ids.max())} is outside the vocabulary (0..{cfg.vocab_size - 1})"
+                + (f" and the {n_extra} added tokens" if n_extra else "; ids past it are added tokens "
+                   "(textual-inversion embeddings) and need their vectors in extra_tokens") + "."
+            )
         tm = self.text_model
-        x = tm.embeddings(input_ids)  # (B, T, D)
+        x = tm.embeddings(input_ids, extra_tokens)  # (B, T, D)
         for layer in tm.encoder.layers[: cfg.num_hidden_layers - (clip_skip - 1)]:
             x = layer(x)
         return tm.final_layer_norm(x)  # (B, T, D)

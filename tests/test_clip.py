@@ -166,3 +166,35 @@ def test_our_state_dict_is_a_folder_transformers_loads(tmp_path):
     ids = _ids(4)
     with torch.no_grad():
         assert (ours(ids) - ref.eval()(ids).last_hidden_state).abs().max() < TOL
+
+
+def test_extra_tokens_equal_transformers_with_a_grown_vocabulary():
+    """Textual inversion's added tokens: ids past the vocabulary read `extra_tokens`, exactly as
+    transformers does after resize_token_embeddings and writing the new rows (what diffusers'
+    load_textual_inversion does); the state dict keeps its keys and shapes."""
+    ours, ref = _pair()
+    keys_before = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    extra = torch.randn(3, 64)
+    V = ours.config.vocab_size
+    ref.resize_token_embeddings(V + 3)
+    with torch.no_grad():
+        ref.get_input_embeddings().weight[V:] = extra
+    ids = _ids()
+    ids[0, 2:5] = torch.tensor([V, V + 1, V + 2])        # a 3-vector embedding in the first prompt
+    ids[1, 7] = V + 1
+    with torch.no_grad():
+        out = ours(ids, extra_tokens=extra)
+        expected = ref(ids).last_hidden_state
+        plain = ours(_ids())
+    assert (out - expected).abs().max().item() < TOL
+    # rows without added ids are unchanged; the first prompt changes from position 2 on (causal)
+    assert torch.equal(out[2:], plain[2:]) and torch.equal(out[0, :2], plain[0, :2])
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == keys_before
+    # gradients reach the extra vectors only where they are used
+    extra.requires_grad_(True)
+    ours(ids, extra_tokens=extra).sum().backward()
+    assert extra.grad.abs().sum(1).gt(0).all()
+    with pytest.raises(ValueError, match="added tokens"):
+        ours(ids)                                            # ids past the vocabulary need their vectors
+    with pytest.raises(ValueError, match=r"shape \(N, 64\)"):
+        ours(ids, extra_tokens=torch.zeros(3, 768))
