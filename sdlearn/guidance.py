@@ -100,11 +100,13 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
-def chunk_prompt(tokenizer, prompt: str, emphasis: bool = True) -> tuple[list[list[int]], list[list[float]]]:
+def chunk_prompt(tokenizer, prompt: str, emphasis: bool = True, embeddings=None) -> tuple[list[list[int]], list[list[float]]]:
     """Tokenize a prompt into 77-token windows the way A1111 does.
 
     Returns (chunks, weights): each chunk is [start, 75 tokens (end-padded), end], with a weight
-    per token. An empty prompt gives one chunk of start + end padding.
+    per token. An empty prompt gives one chunk of start + end padding. embeddings (a
+    sdlearn.embeddings.PromptEmbeddings): each trigger word's tokens become its embedding's added ids,
+    kept together in one chunk (A1111 starts a new chunk rather than split an embedding).
     """
     comma = tokenizer.encode(",")[0]
     pieces = parse_emphasis(prompt) if emphasis else [(prompt, 1.0)]
@@ -123,7 +125,15 @@ def chunk_prompt(tokenizer, prompt: str, emphasis: bool = True) -> tuple[list[li
         if weight == -1:  # BREAK
             close_chunk()
             continue
-        for token in tokenizer.encode(text):
+        for unit in (embeddings.units(tokenizer.encode(text)) if embeddings else
+                     [[t] for t in tokenizer.encode(text)]):
+            if len(unit) > 1 or (embeddings and unit[0] >= embeddings.first_id):   # an embedding's vectors
+                if len(tokens) + len(unit) > CHUNK_LENGTH:
+                    close_chunk()
+                tokens += unit
+                mults += [weight] * len(unit)
+                continue
+            token = unit[0]
             if token == comma:
                 last_comma = len(tokens)
             elif len(tokens) == CHUNK_LENGTH and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
@@ -144,23 +154,35 @@ def chunk_prompt(tokenizer, prompt: str, emphasis: bool = True) -> tuple[list[li
 
 
 @torch.no_grad()
-def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int = 1, mode: str = "a1111") -> torch.Tensor:
+def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int = 1, mode: str = "a1111",
+                  embeddings: dict | None = None) -> torch.Tensor:
     """Prompt text -> U-Net context (1, 77·chunks, D).
 
     mode="a1111": emphasis, 75-token chunks, mean-restoring weighting (A1111's defaults).
     mode="diffusers": the plain 77-token window, longer prompts truncated (StableDiffusionPipeline).
+    embeddings: {trigger word: (n, D) vectors or Embedding} — textual inversion (sdlearn.embeddings).
     """
+    from .embeddings import PromptEmbeddings
+
     device = next(text_encoder.parameters()).device
+    table = PromptEmbeddings.build(tokenizer, embeddings, text_encoder.config.vocab_size) if embeddings else None
+    # Added tokens' vectors go in only when there are some (any text encoder taking ids works without).
+    extra = {} if table is None else {"extra_tokens": table.extra_tokens.to(device)}
     if mode == "diffusers":
-        ids = tokenizer(prompt).to(device)  # (1, 77), truncated
-        return text_encoder(ids, clip_skip=clip_skip)
+        if table is None:
+            ids = tokenizer(prompt).to(device)  # (1, 77), truncated
+        else:
+            tokens = [t for unit in table.units(tokenizer.encode(prompt)) for t in unit][:CHUNK_LENGTH]
+            pad = CHUNK_LENGTH - len(tokens)
+            ids = torch.tensor([[tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] * (pad + 1)], device=device)
+        return text_encoder(ids, clip_skip=clip_skip, **extra)
     if mode != "a1111":
         raise ValueError(f"prompt mode must be 'a1111' or 'diffusers', got {mode!r}")
 
-    chunks, weights = chunk_prompt(tokenizer, prompt)
+    chunks, weights = chunk_prompt(tokenizer, prompt, embeddings=table)
     ids = torch.tensor(chunks, device=device)  # (chunks, 77)
     w = torch.tensor(weights, device=device)  # (chunks, 77)
-    z = text_encoder(ids, clip_skip=clip_skip)  # (chunks, 77, D)
+    z = text_encoder(ids, clip_skip=clip_skip, **extra)  # (chunks, 77, D)
     # Emphasis: scale each token's vector, then restore the chunk's mean (A1111 "Original").
     original_mean = z.float().mean(dim=(1, 2), keepdim=True)
     z = z * w[..., None].to(z.dtype)

@@ -340,7 +340,8 @@ def _read(source):
     tf = TensorFile.open(source)  # safetensors, or torch.load(weights_only=True): never runs code
     if not tf.keys() and ("string_to_param" in tf.top_level or "emb_params" in tf.top_level):
         raise LoRAError(f"{tf.path} is a textual-inversion embedding, not a LoRA. Put it in A1111's "
-                        "embeddings/ folder (ComfyUI: models/embeddings/) and use its name in the prompt.")
+                        "embeddings/ folder (ComfyUI: models/embeddings/; sdlearn: a folder in "
+                        "pipe.embedding_dirs) and use its name in the prompt.")
     return {k: tf[k] for k in tf.keys()}, tf.metadata, tf.path
 
 
@@ -671,16 +672,29 @@ def lora_state_dict(unet: nn.Module | None = None, text_encoder: nn.Module | Non
     return sd
 
 
-def save_lora(path, unet: nn.Module | None = None, text_encoder: nn.Module | None = None) -> Path:
-    """Write the injected adapters as a kohya-layout .safetensors file."""
+def save_lora(path, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
+              state_dict: dict | None = None, overwrite: bool = False) -> Path:
+    """Write the injected adapters (or a kohya-layout `state_dict`, e.g. a finished training's) as a
+    .safetensors file. An existing file is replaced only with overwrite=True."""
+    import os
+
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save LoRAs as .safetensors (safe to share), got {path.name}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it, or choose another name "
+                              "(the file name is the name in <lora:name:0.8>).")
+    if state_dict is None:
+        state_dict = lora_state_dict(unet, text_encoder)
+    elif unet is not None or text_encoder is not None:
+        raise ValueError("pass either the models with injected adapters or a state_dict, not both.")
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")    # written next to it and renamed: never half a file
     # kohya's metadata keys: A1111's and ComfyUI's LoRA browsers show them.
-    save_file(lora_state_dict(unet, text_encoder), str(path),
+    save_file(state_dict, str(tmp),
               metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sd_v1",
                         "ss_training_comment": "made with sdlearn"})
+    os.replace(tmp, path)
     return path

@@ -80,6 +80,10 @@ class Pipeline:
     vae_tile_size: int | None = None  # tiled VAE decode/encode, tile side in pixels
     # Folders searched for <lora:name:weight> in prompts (A1111: models/Lora, ComfyUI: models/loras).
     lora_dirs: list = field(default_factory=list)
+    # Textual-inversion embeddings (sdlearn.embeddings): folders whose files' names are trigger words
+    # (A1111: embeddings/, ComfyUI: models/embeddings), and embeddings already in memory {word: vectors}.
+    embedding_dirs: list = field(default_factory=list)
+    embeddings: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ basics
 
@@ -221,9 +225,31 @@ class Pipeline:
             module.to(self.offload_device)
 
     def encode_prompt(self, prompt: str, clip_skip: int = 1, mode: str = "a1111") -> torch.Tensor:
-        """Prompt -> context (1, 77·chunks, D); see sdlearn.guidance."""
+        """Prompt -> context (1, 77·chunks, D); see sdlearn.guidance. Trigger words of embeddings are used."""
+        embeddings = self.prompt_embeddings(prompt)
         with self._on_device(self.text_encoder):
-            return encode_prompt(self.tokenizer, self.text_encoder, prompt, clip_skip=clip_skip, mode=mode)
+            return encode_prompt(self.tokenizer, self.text_encoder, prompt, clip_skip=clip_skip, mode=mode,
+                                 embeddings=embeddings)
+
+    def prompt_embeddings(self, prompt: str) -> dict:
+        """{word: Embedding} for the embeddings this prompt may use: self.embeddings first, then the files in
+        self.embedding_dirs whose names occur in the prompt. Only those files are read, each strictly."""
+        if not prompt or not (self.embeddings or self.embedding_dirs):
+            return {}
+        from .embeddings import EmbeddingError, embeddings_in_prompt, find_embeddings, load_embedding
+
+        width = self.text_encoder.config.hidden_size
+        used = {word: load_embedding(self.embeddings[word], width, word)
+                for word in embeddings_in_prompt(prompt, self.embeddings)}
+        files = find_embeddings(self.embedding_dirs) if self.embedding_dirs else {}
+        for word in embeddings_in_prompt(prompt, files):
+            if word in used:
+                continue
+            if len(files[word]) > 1:
+                raise EmbeddingError(f"the embedding name {word!r} matches several files: "
+                                     f"{', '.join(map(str, files[word]))}; rename or remove all but one.")
+            used[word] = load_embedding(files[word][0], width)
+        return used
 
     # ------------------------------------------------------------------ the tabs
 
