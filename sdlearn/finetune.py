@@ -2,14 +2,22 @@
 
 TinySD was trained on the shapes world's eight colours; "pink" (`shapes.NEW_COLOURS`) never appeared
 in its training data. Ask it for "a small pink circle" and it draws some other colour. The three
-fine-tuning methods designers use with SD1.5 can each teach it the word from a few hundred captioned
-pink scenes, and the judge (`shapes.judge`) measures how well, before and after:
+fine-tuning methods designers use with SD1.5 each try to teach it the word from a few hundred
+captioned pink scenes — as far as its VAE can paint pink (below) — and the judge (`shapes.judge`)
+measures how well, before and after:
 
-| method | what learns | what it saves | WebUI use |
-|---|---|---|---|
-| LoRA (Hu et al. 2021; kohya-ss) | low-rank updates of the U-Net's attention projections (and optionally the text encoder's) | a kohya .safetensors, ~100 KB here (SD1.5: 10-150 MB) | `<lora:pink:0.8>` from models/Lora |
-| Textual inversion (Gal et al. 2022) | one or a few new token vectors; every weight frozen | an embedding, a few hundred bytes (SD1.5: a few KB) | the file name, "pink", in the prompt, from embeddings/ |
-| DreamBooth (Ruiz et al. 2022) | every U-Net weight, with prior preservation | a whole model folder (SD1.5: 2-4 GB) | a new checkpoint |
+    LoRA (Hu et al. 2021; kohya-ss for SD)
+        learns   low-rank updates of the U-Net's attention projections (optionally the text encoder's)
+        saves    a kohya .safetensors: 260 KB here at rank 4 (SD1.5: 10-150 MB)
+        WebUI    <lora:pink:0.8> with the file in models/Lora
+    Textual inversion (Gal et al. 2022)
+        learns   one or a few new token vectors for the word; every weight stays frozen
+        saves    an embedding of a few hundred bytes (SD1.5: a few KB)
+        WebUI    the file name, "pink", in the prompt, with the file in embeddings/
+    DreamBooth (Ruiz et al. 2022)
+        learns   every U-Net weight, with prior preservation
+        saves    a whole model folder (SD1.5: 2-4 GB)
+        WebUI    a new checkpoint in models/Stable-diffusion
 
 All three train with the loss TinySD itself was trained with, `sdlearn.train.diffusion_loss`: noise a
 clean latent to a random timestep and regress the noise. They differ in which tensors get gradients
@@ -59,7 +67,6 @@ from torch import nn
 from . import shapes
 from .embeddings import Embedding, PromptEmbeddings, save_embedding
 from .lora import TEXT_ENCODER_ALL, UNET_ATTENTION, inject_lora, lora_state_dict, lora_targets, remove_lora, save_lora
-from .schedule import SD15
 from .train import diffusion_loss, encode_captions, encode_latents, lr_at, save_tinysd
 
 NEW_WORD = "pink"

@@ -108,6 +108,9 @@ def test_lora_learns_and_its_file_loads_back_to_the_same_unet(pipe, data, tmp_pa
         ft.save_result(path, again)
     assert path.read_bytes() == data_before
     ft.save_result(path, again, overwrite=True)
+    from sdlearn.lora import save_lora
+    with pytest.raises(ValueError, match="not both"):
+        save_lora(tmp_path / "both.safetensors", unet=adapted, state_dict=again.artifact)
 
 
 def test_lora_on_the_text_encoder_too(pipe, data):
