@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing
 import platform
+import re
 import shutil
 import sys
 import time
@@ -67,12 +68,15 @@ from .vae import AutoencoderKL, VAEConfig
 
 
 def tiny_vae_config() -> VAEConfig:
-    """SD1.5's kl-f8 autoencoder shape — 4 levels (8x downsampling), 4 latent channels — at 1/8 the width.
+    """SD1.5's kl-f8 autoencoder shape — 4 levels (8x downsampling), 4 latent channels — at 1/4 to 1/8 the width.
 
-    ~1M parameters (SD1.5's: 84M). One ResNet block per level (SD1.5: two) and GroupNorm over 8 groups
-    (SD1.5: 32), so that each group still holds 4 channels or more.
+    ~3.9M parameters (SD1.5's: 84M). One ResNet block per level (SD1.5: two) and GroupNorm over 8 groups
+    (SD1.5: 32), so that each group still holds 4 channels or more. Widths (32, 64, 128, 128) rather than
+    SD1.5's proportions (128, 256, 512, 512) / 4: the full-resolution level costs most of the compute,
+    while the low-resolution levels, where a 2x2-latent star must be told from a 2x2-latent circle, need
+    the channels (TinySD v1's (32, 32, 64, 64) turned half of all shapes into blobs).
     """
-    return VAEConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+    return VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=8,
                      scaling_factor=1.0)  # measured after training: see scaling_factor()
 
 
@@ -255,6 +259,48 @@ def reconstruction_psnr(vae: AutoencoderKL, images: np.ndarray, batch_size: int 
 # positions, counts, background — is encoded, so the text encoder learns to represent all of it.
 # After training the image tower is thrown away and the text encoder frozen, as in SD1.5 (which took
 # OpenAI's CLIP ViT-L/14 text tower unchanged).
+#
+# One addition: hard negatives (Yuksekgonul et al. 2023, "NegCLIP"). In a batch of random captions
+# most pairs already differ in their colours, so colour alone wins the contest and words such as
+# "triangle" or "top left" get almost no gradient: CLIP becomes a "bag of words" that cannot tell
+# "a red circle at the top left" from "a red square at the bottom right". So each caption also gets a
+# *counterfactual* — the same caption with one word or phrase swapped (another shape, position,
+# colour, size or count) — added to the batch as an extra wrong answer for its image. Now the only way
+# to win is to read every word.
+
+_SWAPS = {
+    "colour": list(shapes.COLOURS),
+    "shape": list(shapes.SHAPES),
+    "shapes": list(shapes.PLURALS.values()),
+    "size": list(shapes.SIZES),
+    "count": ["two", "three"],
+    "position": [phrase for phrases in shapes.POSITION_PHRASES.values() for phrase in phrases],
+}
+# Longest alternatives first, so that "at the top left" is found whole rather than as "at the top".
+_SWAP_PATTERNS = {kind: re.compile(r"\b(" + "|".join(sorted(map(re.escape, words), key=len, reverse=True)) + r")\b")
+                  for kind, words in _SWAPS.items()}
+_POSITION_OF = {phrase: name for name, phrases in shapes.POSITION_PHRASES.items() for phrase in phrases}
+
+
+def counterfactual_caption(caption: str, rng: np.random.Generator, kinds=tuple(_SWAPS)) -> str | None:
+    """The caption with one colour, shape, size, count or position swapped for another: a hard negative.
+
+    `kinds` limits what may be swapped (e.g. ("position",)); None if the caption has no such word. A
+    swapped count can ask for more objects than the world ever draws ("two" -> "three" next to another
+    object): still a wrong caption for the image, which is all a negative has to be.
+    """
+    found = [(kind, m) for kind in kinds for m in _SWAP_PATTERNS[kind].finditer(caption)]
+    if not found:
+        return None
+    kind, match = found[rng.integers(len(found))]
+    word = match.group(0)
+    if kind == "position":   # another place, not another way of saying the same place
+        choices = [p for p in _SWAPS[kind] if _POSITION_OF[p] != _POSITION_OF[word]]
+    else:
+        choices = [w for w in _SWAPS[kind] if w != word]
+    swapped = caption[:match.start()] + choices[rng.integers(len(choices))] + caption[match.end():]
+    # Keep the grammar right ("a orange" -> "an orange"), or the article alone would give the negative away.
+    return re.sub(r"\b(a|an) (\w+)", lambda m: f"{shapes._article(m.group(2))} {m.group(2)}", swapped)
 
 
 class ImageEncoder(nn.Module):
@@ -287,13 +333,18 @@ class ContrastivePair(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature 0.07
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor):
-        """(symmetric InfoNCE loss, logits (B, B)) of a batch: images (B, 3, H, W) in [-1, 1], input_ids (B, T)."""
-        text = self.text_projection(self.text_encoder.pooled(self.text_encoder(input_ids), input_ids))  # (B, E)
+        """(symmetric InfoNCE loss, logits (B, B')) of a batch: images (B, 3, H, W) in [-1, 1], input_ids (B', T).
+
+        The first B captions belong to the B images; any further ones (hard negatives) are extra wrong
+        answers on the image -> caption side only.
+        """
+        text = self.text_projection(self.text_encoder.pooled(self.text_encoder(input_ids), input_ids))  # (B', E)
         image = self.image_encoder(images)                                                                  # (B, E)
         text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
-        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T    # (B, B); CLIP caps exp(s) at 100
-        labels = torch.arange(len(images))
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2, logits
+        logits = self.logit_scale.exp().clamp(max=100) * image @ text.T    # (B, B'); CLIP caps exp(s) at 100
+        B = len(images)
+        labels = torch.arange(B)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :B].T, labels)) / 2, logits
 
 
 def trim_padding(input_ids: torch.Tensor, pad_id: int = END_OF_TEXT) -> torch.Tensor:
@@ -307,11 +358,13 @@ def trim_padding(input_ids: torch.Tensor, pad_id: int = END_OF_TEXT) -> torch.Te
 
 
 def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConfig = None, steps: int = 1000,
-               batch_size: int = 256, lr: float = 1e-3, seed: int = 0, log=print, log_every: int = 100):
+               batch_size: int = 256, lr: float = 1e-3, negative_ids: torch.Tensor = None, seed: int = 0, log=print,
+               log_every: int = 100):
     """Train a CLIPTextModel contrastively against a small image encoder.
 
-    images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer. Returns (text_encoder, pair, losses):
-    the frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
+    images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer; negative_ids (N, 77), optional: the
+    tokens of each caption's counterfactual (hard negatives). Returns (text_encoder, pair, losses): the
+    frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
     """
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config or tiny_clip_config())
@@ -325,7 +378,8 @@ def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConf
     pair.train()
     for step, idx in zip(range(steps), random_batches(len(images), batch_size, generator)):
         _set_lr(optimizer, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1)))
-        loss, logits = pair(to_model_range(images[idx.numpy()]), trim_padding(input_ids[idx]))
+        ids = input_ids[idx] if negative_ids is None else torch.cat([input_ids[idx], negative_ids[idx]])
+        loss, logits = pair(to_model_range(images[idx.numpy()]), trim_padding(ids))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -333,10 +387,39 @@ def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConf
         if (step + 1) % log_every == 0 or step + 1 == steps:
             top1 = (logits.argmax(1) == torch.arange(len(idx))).float().mean().item()
             _log(log, f"clip step {step + 1:5d}/{steps}  loss {np.mean(losses[-log_every:]):.4f}  "
-                      f"image->caption top-1 {top1:.0%} of {len(idx)}  temperature {1 / pair.logit_scale.exp().item():.3f}  "
+                      f"image->caption top-1 {top1:.0%} of {logits.shape[1]}  "
+                      f"temperature {1 / pair.logit_scale.exp().item():.3f}  "
                       f"{time.time() - start:.0f}s")
     text_encoder.eval().requires_grad_(False)  # frozen from here on, as in SD1.5
     return text_encoder, pair.eval(), losses
+
+
+@torch.no_grad()
+def counterfactual_accuracy(pair: ContrastivePair, images: np.ndarray, captions: list[str], tokenizer,
+                            seed: int = 0) -> dict:
+    """How often the image prefers its own caption to the same caption with one word swapped, per kind of word.
+
+    {kind: fraction} for kinds "colour", "shape", "size", "count", "position" (shapes/plurals together);
+    0.5 is chance. A bag-of-words text encoder scores well on colour and badly on position.
+    """
+    rng = np.random.default_rng(seed)
+    image = F.normalize(pair.image_encoder(to_model_range(images)), dim=-1)        # (N, E)
+
+    def embed(texts):
+        ids = tokenizer(texts)
+        return F.normalize(pair.text_projection(pair.text_encoder.pooled(pair.text_encoder(ids), ids)), dim=-1)
+
+    true = (image * embed(captions)).sum(-1)                                        # (N,)
+    scores = {}
+    for name, kinds in {"colour": ("colour",), "shape": ("shape", "shapes"), "size": ("size",),
+                        "count": ("count",), "position": ("position",)}.items():
+        swapped = [(i, counterfactual_caption(c, rng, kinds)) for i, c in enumerate(captions)]
+        swapped = [(i, c) for i, c in swapped if c is not None]
+        if swapped:
+            rows = torch.tensor([i for i, _ in swapped])
+            wrong = (image[rows] * embed([c for _, c in swapped])).sum(-1)
+            scores[name] = (true[rows] > wrong).float().mean().item()
+    return scores
 
 
 @torch.no_grad()
@@ -539,8 +622,8 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # 6. The whole recipe, and the command line
 # ---------------------------------------------------------------------------------------------
 
-# Step counts of the full run (~45 minutes on an idle 2-core CPU) and of --quick (~1 minute).
-FULL = dict(scenes=30000, vae_steps=2000, clip_steps=800, unet_steps=3000)
+# Step counts of the full run (~80 minutes on a 2-core CPU) and of --quick (~1 minute).
+FULL = dict(scenes=30000, vae_steps=3000, clip_steps=1000, unet_steps=4000)
 QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
 
 
@@ -563,10 +646,17 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     t0 = time.time()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(torch.get_num_threads(),)) as pool:
-        clip_job = pool.submit(train_clip, images, input_ids, steps=clip_steps, seed=seed + 1, log=log)
+        rng = np.random.default_rng(seed + 3)
+        negative_ids = tokenizer([counterfactual_caption(c, rng) for c in captions])   # (N, 77) hard negatives
+        clip_job = pool.submit(train_clip, images, input_ids, steps=clip_steps, negative_ids=negative_ids,
+                               seed=seed + 1, log=log)
 
-        # 1. VAE, then its scaling factor (1 / std of the latents), stored in its config.
-        vae, vae_losses = train_vae(images, steps=vae_steps, seed=seed, log=log)
+        # 1. VAE, then its scaling factor (1 / std of the latents), stored in its config. The VAE also sees
+        # scenes with objects in colours the captions never name (shapes.NEW_COLOURS): SD1.5's VAE was
+        # trained on every colour there is, and a fine-tune that teaches the word "pink" (sdlearn.finetune)
+        # needs a decoder that can paint pink. The text encoder and the U-Net never see these scenes.
+        new_word_images = [shapes.dataset(scenes // 10, seed=seed + 3_000_000, new_colour=c)[0] for c in shapes.NEW_COLOURS]
+        vae, vae_losses = train_vae(np.concatenate([images, *new_word_images]), steps=vae_steps, seed=seed, log=log)
         vae.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
         vae.config.scaling_factor = scaling_factor(vae, images[:1024], generator)

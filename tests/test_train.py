@@ -57,6 +57,49 @@ def test_clip_loss_falls_and_encoder_is_frozen(data):
     assert not any(p.requires_grad for p in text_encoder.parameters())
 
 
+def test_counterfactual_caption_swaps_exactly_one_attribute():
+    """A hard negative is a valid caption of the world that differs from the original in one attribute."""
+    _, captions = shapes.dataset(200, seed=5)
+    rng = np.random.default_rng(0)
+    kinds_seen = set()
+    for caption in captions:
+        swapped = train.counterfactual_caption(caption, rng)
+        try:
+            changed = shapes.parse_caption(swapped)       # still the world's grammar ...
+            assert changed != shapes.parse_caption(caption), (caption, swapped)
+        except shapes.CaptionError as e:                 # ... though a swapped count may ask for 4 objects
+            assert "objects; the shapes world has at most" in str(e), (caption, swapped)
+        words_a, words_b = caption.split(), swapped.split()
+        differing = [(a, b) for a, b in zip(words_a, words_b) if a != b]
+        # One word changed, or one position phrase ("on the left" -> "at the top right"), plus its article.
+        assert len(differing) <= 3 or len(words_a) != len(words_b), (caption, swapped)
+        for a, b in differing:
+            kinds_seen.update(k for k, words in train._SWAPS.items() if b in words or any(b in w.split() for w in words))
+    assert {"colour", "shape", "shapes", "size", "count", "position"} <= kinds_seen
+    assert train.counterfactual_caption("an orange circle on a red background", np.random.default_rng(1),
+                                        kinds=("position",)) is None
+    # The article follows the new word: never "a orange", never "an red".
+    swaps = [train.counterfactual_caption("a red circle on a blue background", np.random.default_rng(i), ("colour",))
+             for i in range(40)]
+    assert any(s.startswith("an orange") for s in swaps)
+    assert not any("a orange" in s or "an red" in s for s in swaps)
+
+
+def test_clip_with_hard_negatives(data):
+    images, captions, ids = data
+    rng = np.random.default_rng(0)
+    negatives = CLIPTokenizer()([train.counterfactual_caption(c, rng) for c in captions])
+    _, pair, losses = train.train_clip(images, ids, tiny_clip(), steps=40, batch_size=16, lr=3e-3,
+                                       negative_ids=negatives, seed=0, log=None)
+    ok, (first, last) = falls(losses)
+    assert ok, f"contrastive loss with hard negatives did not fall: {first:.3f} -> {last:.3f}"
+    # Image -> caption picks among 2B captions, caption -> image among B images: chance is the mean of the two.
+    assert first == pytest.approx((np.log(32) + np.log(16)) / 2, rel=0.2)
+    scores = train.counterfactual_accuracy(pair, images, captions, CLIPTokenizer())
+    assert set(scores) == {"colour", "shape", "size", "count", "position"}
+    assert all(0 <= v <= 1 for v in scores.values())
+
+
 def test_unet_learns_and_ema_lags(data):
     torch.manual_seed(0)
     latents = torch.randn(32, 4, 4, 4) * 0.5 + torch.linspace(-1, 1, 4)[None, :, None, None]
