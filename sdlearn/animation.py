@@ -4,7 +4,9 @@ Two walks, each one txt2img per frame with everything else held fixed:
 
 * **Seed walk** — interpolate the *initial noise* between two seeds. Noise vectors are Gaussian in
   4·h·w dimensions, so they all lie near a sphere of radius sqrt(4·h·w); a straight line between two
-  of them passes through the inside, where the noise is too weak and the frames turn grey and flat.
+  of them passes through the inside: at the midpoint the noise is only 0.71 times as long, the sampler
+  takes it for a less noisy start, and the middle frames lose objects and contrast (notebook 12
+  measures by how much).
   Spherical interpolation (slerp, Shoemake 1985) stays on the sphere.
 * **Prompt walk** — interpolate the *text conditioning* (the (1, 77, 768) context the U-Net
   attends to) linearly between two prompts, with the same noise for every frame.
