@@ -47,6 +47,32 @@ def to_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def compact_image_bytes(image: Image.Image, colors: int | None = None) -> tuple[bytes, str]:
+    """(bytes, "png" | "jpeg"): the image in whichever of PNG and JPEG is smaller.
+
+    colors=N first reduces it to an N-colour palette and keeps PNG: sharp edges, small files, even
+    for pictures of noise.
+    """
+    if colors:
+        return to_png(image.convert("RGB").convert("P", palette=Image.ADAPTIVE, colors=colors)), "png"
+    png = to_png(image)
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=90)
+    return (png, "png") if len(png) <= buf.tell() else (buf.getvalue(), "jpeg")
+
+
+def show(image: Image.Image, colors: int | None = None):
+    """Display a PIL image in a notebook, stored once and small (see compact_image_bytes).
+
+    A PIL image left as a cell's result is saved twice, as PNG and as JPEG; the course's notebooks are
+    committed with their outputs, so they show pictures through this instead.
+    """
+    from IPython.display import Image as IPythonImage, display
+
+    data, fmt = compact_image_bytes(image, colors)
+    display(IPythonImage(data=data, format=fmt))
+
+
 def upscale(image: Image.Image, size: int = 256) -> Image.Image:
     """Enlarge a small image (a 64×64 TinySD output, an 8×8 latent) so its longer side is at least `size`.
 

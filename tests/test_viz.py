@@ -172,3 +172,14 @@ def test_line_plot():
         viz.line_plot([1, 2, 3], {"a": [1, 2]})
     with pytest.raises(ValueError, match="at least one series"):
         viz.line_plot([1], {})
+
+
+def test_compact_image_bytes_picks_the_smaller_format():
+    flat = Image.new("RGB", (64, 64), (200, 30, 40))                         # flat colour: PNG wins
+    data, fmt = viz.compact_image_bytes(flat)
+    assert fmt == "png" and Image.open(io.BytesIO(data)).size == (64, 64)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    data, fmt = viz.compact_image_bytes(noise)                               # noise: JPEG wins
+    assert fmt == "jpeg" and len(data) < len(viz.to_png(noise))
+    data, fmt = viz.compact_image_bytes(noise, colors=16)                    # a palette keeps PNG, and small
+    assert fmt == "png" and len(Image.open(io.BytesIO(data)).getcolors(256)) <= 16
