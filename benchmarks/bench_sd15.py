@@ -379,6 +379,7 @@ def main():
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the fast path (default: inductor's)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--no-results", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--note", default="", help="a sentence for RESULTS.md about the conditions (e.g. other load)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -432,7 +433,8 @@ def main():
               f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}, " if not cpu else "") +
               f"{base['repeats']} repeats (median), {base['e2e_repeats']} prompt-to-image runs of {steps} steps, "
               f"Euler (Karras), CFG {CFG}, {SIZE}x{SIZE}, batch 1. Ratio < 1: sdlearn is faster. "
-              f"Run time {time.time() - started:.0f} s.", "", "```", command, "```", ""]
+              f"Run time {time.time() - started:.0f} s." + (f" {args.note}" if args.note else ""),
+              "", "```", command, "```", ""]
     text = "\n".join(header + report).rstrip() + "\n"
     print("\n" + text)
     if not args.no_results:
