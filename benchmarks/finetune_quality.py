@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tinysd_quality import append_to_section  # noqa: E402  (shared with the TinySD benchmark)
+from tinysd_quality import ATTRIBUTES, append_to_section, row  # noqa: E402  (shared with the TinySD benchmark)
 
 import sdlearn  # noqa: E402
 from sdlearn import finetune as ft  # noqa: E402
@@ -32,12 +32,10 @@ from sdlearn.train import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Fine-tuning TinySD"
-ATTRIBUTES = ("background", "colour", "shape", "size", "position", "count", "overall")
 
 
-def row(name, acc, seconds=None):
-    cells = " | ".join("—" if acc[a] != acc[a] else f"{acc[a]:.1%}" for a in ATTRIBUTES)  # nan: not asked
-    return f"| {name} | {cells} | {acc['n']} | {'—' if seconds is None else f'{seconds:.0f} s'} |"
+def timed_row(name, acc, seconds=None):
+    return row(name, acc, "—" if seconds is None else f"{seconds:.0f} s")
 
 
 def main(argv=None):
@@ -65,9 +63,9 @@ def main(argv=None):
     header = ["| model | " + " | ".join(ATTRIBUTES) + " | n | training |", "|---" * (len(ATTRIBUTES) + 3) + "|"]
     new_rows, base_rows, times = list(header), list(header), {}
     # The decoder's ceiling: rendered new-word scenes through the VAE. No method here trains the VAE.
-    new_rows.append(row("rendered scenes through the VAE (decoder's ceiling)", ft.vae_ceiling(pipe, args.n, args.seed)))
-    new_rows.append(row("TinySD (before)", ft.judge_pipeline(pipe, new_captions, args.seed)))
-    base_rows.append(row("TinySD (before)", ft.judge_pipeline(pipe, base_captions, args.seed)))
+    new_rows.append(timed_row("rendered scenes through the VAE (decoder's ceiling)", ft.vae_ceiling(pipe, args.n, args.seed)))
+    new_rows.append(timed_row("TinySD (before)", ft.judge_pipeline(pipe, new_captions, args.seed)))
+    base_rows.append(timed_row("TinySD (before)", ft.judge_pipeline(pipe, base_captions, args.seed)))
     print(new_rows[-1] + "\n" + base_rows[-1], flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,8 +78,8 @@ def main(argv=None):
         ft.save_result(tmp / "Lora" / f"{word}.safetensors", lora)
         pipe.lora_dirs = [tmp / "Lora"]
         name = f"LoRA `<lora:{word}:1>`"
-        new_rows.append(row(name, ft.judge_pipeline(pipe, new_captions, args.seed, f" <lora:{word}:1>"), lora.seconds))
-        base_rows.append(row(name, ft.judge_pipeline(pipe, base_captions, args.seed, f" <lora:{word}:1>"), lora.seconds))
+        new_rows.append(timed_row(name, ft.judge_pipeline(pipe, new_captions, args.seed, f" <lora:{word}:1>"), lora.seconds))
+        base_rows.append(timed_row(name, ft.judge_pipeline(pipe, base_captions, args.seed, f" <lora:{word}:1>"), lora.seconds))
         pipe.lora_dirs = []
         print(new_rows[-1] + "\n" + base_rows[-1], flush=True)
 
@@ -92,8 +90,8 @@ def main(argv=None):
         ft.save_result(tmp / "embeddings" / f"{word}.safetensors", ti, pipe)
         pipe.embedding_dirs = [tmp / "embeddings"]
         name = f"textual inversion `embeddings/{word}.safetensors`"
-        new_rows.append(row(name, ft.judge_pipeline(pipe, new_captions, args.seed), ti.seconds))
-        base_rows.append(row(name, ft.judge_pipeline(pipe, base_captions, args.seed), ti.seconds))
+        new_rows.append(timed_row(name, ft.judge_pipeline(pipe, new_captions, args.seed), ti.seconds))
+        base_rows.append(timed_row(name, ft.judge_pipeline(pipe, base_captions, args.seed), ti.seconds))
         pipe.embedding_dirs = []
         print(new_rows[-1] + "\n" + base_rows[-1], flush=True)
 
@@ -103,8 +101,8 @@ def main(argv=None):
                                  batch_size=settings["dreambooth_batch_size"], seed=args.train_seed, log=log)
         tuned = sdlearn.load_pipeline(ft.save_result(tmp / "tinysd-pink", db, pipe))
         name = "DreamBooth + prior preservation (model folder)"
-        new_rows.append(row(name, ft.judge_pipeline(tuned, new_captions, args.seed), db.seconds))
-        base_rows.append(row(name, ft.judge_pipeline(tuned, base_captions, args.seed), db.seconds))
+        new_rows.append(timed_row(name, ft.judge_pipeline(tuned, new_captions, args.seed), db.seconds))
+        base_rows.append(timed_row(name, ft.judge_pipeline(tuned, base_captions, args.seed), db.seconds))
         print(new_rows[-1] + "\n" + base_rows[-1], flush=True)
     elapsed = time.time() - start
 
