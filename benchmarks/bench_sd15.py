@@ -46,9 +46,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # reference_tokenizer: transformers' tokenizer files from sdlearn's vocab
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from results import append_to_section  # noqa: E402
 
 PROMPT, NEGATIVE, CFG = "a photograph of an astronaut riding a horse on the moon", "blurry, low quality", 7.5
 SIZE = 512
@@ -439,10 +441,7 @@ def main():
     print("\n" + text)
     if not args.no_results:
         path = Path(args.results)
-        existing = path.read_text() if path.exists() else ""
-        addition = ("" if SECTION in existing else ("\n" if existing else "") + SECTION + "\n\n") + text
-        with open(path, "a") as f:
-            f.write(("\n" if existing and not existing.endswith("\n\n") else "") + addition)
+        append_to_section(path, SECTION, text)
         print(f"appended to {path}")
 
 

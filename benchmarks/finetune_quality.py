@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tinysd_quality import ATTRIBUTES, append_to_section, row  # noqa: E402  (shared with the TinySD benchmark)
+from results import append_to_section  # noqa: E402
+from tinysd_quality import ATTRIBUTES, row  # noqa: E402  (the TinySD benchmark's table)
 
 import sdlearn  # noqa: E402
 from sdlearn import finetune as ft  # noqa: E402

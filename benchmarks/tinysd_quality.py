@@ -26,30 +26,23 @@ import torch
 
 import sdlearn
 from sdlearn import shapes
-from sdlearn.finetune import vae_ceiling
+from sdlearn.finetune import SAMPLER, STEPS, judge_pipeline, vae_ceiling  # the fine-tuning benchmark's settings
 from sdlearn.train import cpu_name, reconstruction_psnr
 from sdlearn.weights import TINY_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import append_to_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## TinySD"
 ATTRIBUTES = ("background", "colour", "shape", "size", "position", "count", "overall")
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.85, "position": 0.85, "count": 0.85}
-SAMPLER, STEPS = "DPM++ 2M Karras", 20
 
 
 def captions(n, seed, split):
     """n fresh captions (and their rendered scenes, the judge's ceiling) from a fixed seed."""
     rng = random.Random(seed)
     return [shapes.random_scene(rng, 64, split) for _ in range(n)]
-
-
-def generate_and_judge(pipe, scenes, cfg_scale, seed):
-    """Accuracy per attribute of one image per caption; image i uses seed + i."""
-    pairs = []
-    for i, (_, caption) in enumerate(scenes):
-        out = pipe.txt2img(caption, steps=STEPS, cfg_scale=cfg_scale, sampler=SAMPLER, seed=seed + i, progress=False)
-        pairs.append((out.images[0], caption))
-    return shapes.accuracy(pairs)
 
 
 def time_one_image(pipe, runs):
@@ -99,10 +92,10 @@ def main(argv=None):
                      vae_ceiling(pipe, args.n, args.seed, new_colour=None)))   # the same scenes as train_scenes
     results = {}
     for cfg in cfgs:
-        results[cfg] = generate_and_judge(pipe, train_scenes, cfg, args.seed)
+        results[cfg] = judge_pipeline(pipe, [c for _, c in train_scenes], args.seed, cfg_scale=cfg)
         lines.append(row(f"TinySD, CFG {cfg:g}", results[cfg]))
         print(lines[-1], flush=True)
-    heldout = generate_and_judge(pipe, heldout_scenes, 7.0, args.seed)
+    heldout = judge_pipeline(pipe, [c for _, c in heldout_scenes], args.seed, cfg_scale=7.0)
     lines.append(row("TinySD, CFG 7, held-out colour-shape pairs", heldout))
     print(lines[-1], flush=True)
 
@@ -148,20 +141,6 @@ def training_note(model):
             f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps. Wall time: VAE + CLIP "
             f"{sec['vae+clip'] / 60:.1f} min, latent/context cache {sec['cache'] / 60:.1f} min, U-Net "
             f"{sec['unet'] / 60:.1f} min, total {sec['total'] / 60:.1f} min on {info['machine']}.\n")
-
-
-def append_to_section(path, section, entry):
-    """Add `entry` at the end of `section` ("## ..." heading) of a markdown file, creating either if missing."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else ["# Benchmark results"]
-    if section not in lines:
-        lines += ["", section]
-    start = lines.index(section)
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    body_end = end
-    while body_end > start + 1 and not lines[body_end - 1].strip():   # the blank lines before the next section
-        body_end -= 1
-    lines[body_end:end] = [""] + entry.rstrip("\n").splitlines() + ([""] if end < len(lines) else [])
-    path.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

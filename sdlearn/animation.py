@@ -60,7 +60,7 @@ def prompt_walk(pipe, prompt_a: str, prompt_b: str, frames: int = 8, seed: int =
     if a.shape != b.shape:  # different numbers of 75-token chunks: pad with the empty prompt
         from .guidance import pad_to_same_length
 
-        a, b = pad_to_same_length(a, b, pipe.encode_prompt("", clip_skip))
+        a, b = pad_to_same_length(a, b, empty=pipe.encode_prompt("", clip_skip))
     out = []
     for k in range(frames):
         t = k / (frames - 1)

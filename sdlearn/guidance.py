@@ -190,19 +190,20 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int = 1, mode
     return z.reshape(1, -1, z.shape[-1])  # chunks side by side: (1, 77·chunks, D)
 
 
-def pad_to_same_length(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor):
-    """Give prompt and negative prompt the same number of chunks, padding with the empty prompt.
+def pad_to_same_length(*contexts: torch.Tensor, empty: torch.Tensor) -> list:
+    """Give prompt and negative prompt (and every prompt of a batch) the same number of chunks, padding
+    with the empty prompt's chunk `empty` (1, 77, D).
 
     Classifier-free guidance runs both in one batch, so their contexts must be equally long. A1111
     does the same ("Pad prompt/negative prompt to be same length", on by default since 1.6).
     """
-    n = max(cond.shape[1], uncond.shape[1])
+    n = max(c.shape[1] for c in contexts)
 
     def pad(c):
         missing = (n - c.shape[1]) // empty.shape[1]
         return torch.cat([c] + [empty] * missing, dim=1)
 
-    return pad(cond), pad(uncond)
+    return [pad(c) for c in contexts]
 
 
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, cfg_scale: float) -> torch.Tensor:

@@ -259,11 +259,16 @@ class Pipeline:
                 mode="a1111", progress=True) -> GenerationResult:
         """Text to image. `latents` (B, 4, h, w) replaces the seed's unit-variance noise.
 
+        `prompt` (and `negative_prompt`) may be a list, one per image: a batch of different prompts in one
+        run of the U-Net (A1111's "Prompts from file or textbox" script runs them one after another). Image
+        i still uses seed + i, so each comes out as it would alone, up to float rounding.
+
         Hires fix (A1111 "Hires. fix", 高清修复): with hires_scale set, the base image is upscaled by that
         factor and run through img2img with `hires_strength` ("Denoising strength", 0.7) for `hires_steps`
         steps (0 = the same as steps), so the model adds detail at a size it was not trained for without
         repeating the composition.
         """
+        batch_size = _batch_size(prompt, negative_prompt, batch_size)
         with self._prompt_loras(prompt):
             width, height = self._size(width, height)
             seeds = _seeds(seed, batch_size)
@@ -299,6 +304,7 @@ class Pipeline:
         strength 0 returns the image through the VAE; 1 starts from (almost) pure noise. A1111 runs
         int(min(strength, 0.999)·steps) + 1 of the `steps` steps; diffusers runs int(strength·steps).
         """
+        batch_size = _batch_size(prompt, negative_prompt, batch_size)
         with self._prompt_loras(prompt):
             image = _as_rgb(image, "image")
             width, height = self._size(width or image.width, height or image.height)  # default: the image's size
@@ -318,6 +324,7 @@ class Pipeline:
         masked" (crop around the mask plus `inpaint_full_res_padding`, work at full resolution there,
         paste back). Pixels outside the (blurred) mask are the original's, exactly.
         """
+        batch_size = _batch_size(prompt, negative_prompt, batch_size)
         with self._prompt_loras(prompt):
             image = _as_rgb(image, "image")
             mask = _as_mask(mask, image, invert_mask)
@@ -462,24 +469,32 @@ class Pipeline:
         return self._result(images, x, prompt, negative_prompt, params)
 
     def _conditioning(self, prompt, negative_prompt, batch_size, clip_skip, mode):
-        """(cond, uncond), each (B, 77·chunks, D), padded to the same length with empty-prompt chunks."""
+        """(cond, uncond), each (B, 77·chunks, D), padded to the same length with empty-prompt chunks.
+        A prompt (or negative prompt) is one for the whole batch or a list of one per image."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-        cond, uncond = self._context(prompt, clip_skip, mode), self._context(negative_prompt, clip_skip, mode)
-        if cond.shape[1] != uncond.shape[1]:
-            cond, uncond = pad_to_same_length(cond, uncond, self.encode_prompt("", clip_skip, mode))
+        prompts, negatives = _as_list(prompt), _as_list(negative_prompt)
+        contexts = [self._context(p, clip_skip, mode) for p in prompts + negatives]   # each (1, 77·chunks, D)
+        if len({c.shape[1] for c in contexts}) > 1:
+            contexts = pad_to_same_length(*contexts, empty=self.encode_prompt("", clip_skip, mode))
+        cond, uncond = torch.cat(contexts[:len(prompts)]), torch.cat(contexts[len(prompts):])
         return cond.expand(batch_size, -1, -1), uncond.expand(batch_size, -1, -1)
 
     @contextmanager
     def _prompt_loras(self, prompt):
         """A1111's `<lora:name:0.8>` in the prompt: merge those LoRAs (found in self.lora_dirs) for this
         generation only; the base weights are restored exactly afterwards (sdlearn.lora.applied_loras)."""
-        if not isinstance(prompt, str) or "<lora:" not in prompt:
+        tagged = [p for p in _as_list(prompt) if isinstance(p, str) and "<lora:" in p]
+        if not tagged:
             yield
             return
         from .lora import applied_loras, loras_from_prompt
 
-        with applied_loras(self, loras_from_prompt(prompt, self.lora_dirs)[1]):
+        loras = [loras_from_prompt(p, self.lora_dirs)[1] if isinstance(p, str) else [] for p in _as_list(prompt)]
+        if any(other != loras[0] for other in loras):
+            raise ValueError("the prompts of one batch carry different <lora:...> tags; a LoRA changes the model's "
+                             "weights for the whole batch, so generate prompts with different LoRAs in separate calls.")
+        with applied_loras(self, loras[0]):
             yield
 
     def _context(self, prompt, clip_skip, mode):
@@ -587,14 +602,35 @@ class Pipeline:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
 
     def _result(self, images, latents, prompt, negative_prompt, params) -> GenerationResult:
-        prompt, negative_prompt = (p if isinstance(p, str) or p is None else "<context tensor>"
-                                   for p in (prompt, negative_prompt))
-        infotexts = [infotext(prompt, negative_prompt, seed=s, model=self.model_name, **params)
-                     for s in params["seeds"]]
+        n = len(params["seeds"])
+        prompts, negatives = ([p if isinstance(p, str) or p is None else "<context tensor>" for p in _as_list(q)]
+                              for q in (prompt, negative_prompt))
+        prompts, negatives = (q * n if len(q) == 1 else q for q in (prompts, negatives))
+        infotexts = [infotext(p, neg, seed=s, model=self.model_name, **params)
+                     for p, neg, s in zip(prompts, negatives, params["seeds"])]
         return GenerationResult(images, params["seeds"][0], list(params["seeds"]), infotexts, latents)
 
 
 # ---------------------------------------------------------------------- seeds and noise
+
+
+def _as_list(prompt) -> list:
+    """A prompt for the whole batch as [prompt]; a list of one per image as it is."""
+    return list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+
+
+def _batch_size(prompt, negative_prompt, batch_size: int) -> int:
+    """batch_size, or the number of prompts when a list of one per image is given."""
+    lengths = {len(p) for p in (prompt, negative_prompt) if isinstance(p, (list, tuple))}
+    if not lengths:
+        return batch_size
+    n = lengths.pop()
+    if lengths or n == 0:
+        raise ValueError("a list of prompts needs one prompt per image, and a list of negative prompts as many "
+                         "as the prompts (or one negative prompt for all).")
+    if batch_size not in (1, n):
+        raise ValueError(f"{n} prompts make a batch of {n}; leave batch_size out (it was {batch_size}).")
+    return n
 
 
 def _seeds(seed, n):

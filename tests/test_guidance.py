@@ -128,7 +128,7 @@ def test_cond_and_uncond_padded_to_the_same_length(tok, encoder):
     cond = encode_prompt(tok, encoder, " ".join(["cat"] * 160))  # 3 chunks
     uncond = encode_prompt(tok, encoder, "")
     empty = encode_prompt(tok, encoder, "")
-    c, u = pad_to_same_length(cond, uncond, empty)
+    c, u = pad_to_same_length(cond, uncond, empty=empty)
     assert c.shape == u.shape == (1, 3 * 77, 32)
     assert torch.equal(u[:, 77:154], empty[:, :77])
 

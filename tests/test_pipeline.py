@@ -214,6 +214,35 @@ def test_seed_reproducible_and_batch_images_equal_single_seeds(models):
     assert torch.equal(rand.latents, ours.txt2img("a circle", steps=3, seed=rand.seed, progress=False).latents)
 
 
+def test_a_list_of_prompts_is_one_batch_equal_to_separate_runs(models):
+    _, ours = models
+    prompts = ["a circle", "a red square at the top left on a blue background, " * 12, ""]   # 1, 2 and 1 chunks
+    negatives = ["blurry", "", "low quality"]
+    batch = ours.txt2img(prompts, negative_prompt=negatives, steps=4, seed=7, sampler="DPM++ 2M Karras",
+                         progress=False)
+    assert batch.seeds == [7, 8, 9] and len(batch.images) == 3
+    for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
+        alone = ours.txt2img(prompt, negative_prompt=negative, steps=4, seed=7 + i, sampler="DPM++ 2M Karras",
+                             progress=False)
+        assert (batch.latents[i] - alone.latents[0]).abs().max() < 1e-4
+        assert batch.infotexts[i] == alone.info      # each image's parameters name its own prompt
+    # One negative prompt for a list of prompts; img2img takes lists too.
+    shared = ours.txt2img(prompts[:2], negative_prompt="blurry", steps=2, seed=7, progress=False)
+    assert [parse_infotext(t)["Negative prompt"] for t in shared.infotexts] == ["blurry", "blurry"]
+    image = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    assert len(ours.img2img(image, prompts[:2], steps=2, progress=False).images) == 2
+
+
+def test_a_list_of_prompts_bad_input(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="one prompt per image"):
+        ours.txt2img([], steps=2, progress=False)
+    with pytest.raises(ValueError, match="as many as the prompts"):
+        ours.txt2img(["a", "b"], negative_prompt=["c", "d", "e"], steps=2, progress=False)
+    with pytest.raises(ValueError, match="leave batch_size out"):
+        ours.txt2img(["a", "b"], batch_size=3, steps=2, progress=False)
+
+
 @pytest.mark.parametrize("sampler", ["DPM++ SDE", "DPM++ 2M SDE", "DDPM", "DPM++ 2S a"])
 def test_stochastic_samplers_are_per_image_reproducible(models, sampler):
     _, ours = models
@@ -370,3 +399,7 @@ def test_lora_tags_in_the_prompt_apply_for_one_generation(tmp_path):
     assert torch.equal(ours.encode_prompt("a fox "), ours._context("a fox <lora:paper_cut:0.8>", 1, "a1111"))
     with pytest.raises(Exception, match="paper_cut"):  # a missing LoRA lists the ones there are
         ours.txt2img("a fox <lora:watercolor:1>", steps=2, progress=False)
+    with pytest.raises(ValueError, match="different <lora:...> tags"):  # a LoRA changes the whole batch's model
+        ours.txt2img(["a fox <lora:paper_cut:0.8>", "a fox"], steps=2, progress=False)
+    both = ours.txt2img(["a fox <lora:paper_cut:0.8>", "a fox <lora:paper_cut:0.8>"], steps=3, seed=1, progress=False)
+    assert (both.latents[0] - tagged.latents[0]).abs().max() < 1e-4

@@ -1,0 +1,24 @@
+"""The benchmarks' bookkeeping: each entry lands in its own section of RESULTS.md, nothing else moves."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from results import append_to_section  # noqa: E402
+
+
+def test_entries_land_at_the_end_of_their_own_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## A\n\nfirst A\n\n## B\n\nfirst B\n")
+    append_to_section(path, "## A", "second A\n")
+    append_to_section(path, "## B", "second B")
+    append_to_section(path, "## C", "first C")
+    assert path.read_text() == ("# Benchmark results\n\n## A\n\nfirst A\n\nsecond A\n\n## B\n\nfirst B\n\n"
+                                "second B\n\n## C\n\nfirst C\n")
+
+
+def test_a_missing_file_is_created(tmp_path):
+    path = tmp_path / "new" / "RESULTS.md"
+    path.parent.mkdir()
+    append_to_section(path, "## A", "entry")
+    assert path.read_text() == "# Benchmark results\n\n## A\n\nentry\n"
