@@ -410,7 +410,10 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x))  # (B, C, H, W)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # one token per latent pixel: (B, HW, C)
+        # One token per latent pixel: (B, HW, C). From a channels-first map the permuted reshape is only a
+        # view whose channels lie far apart in memory; every residual add would keep that layout and every
+        # LayerNorm copy it again, so it is made contiguous once here (a no-op for a channels-last map).
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C).contiguous()
         for block in self.transformer_blocks:
             h = block(h, context)
         # Back to (B, C, H, W); made contiguous in the layout the input came in, so no conv after it
