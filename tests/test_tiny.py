@@ -67,13 +67,10 @@ def test_shipped_files_fit_30_mb():
 
 def correct_words(pipe, cfg_scale):
     """{attribute: number of the 16 captions judged right} for one image per caption."""
-    pairs = []
-    for i, caption in enumerate(CAPTIONS):
-        out = pipe.txt2img(caption, steps=15, cfg_scale=cfg_scale, sampler="DPM++ 2M Karras", seed=100 + i,
-                           progress=False)
-        assert out.images[0].size == (64, 64)
-        pairs.append((out.images[0], caption))
-    results = [shapes.judge(image, caption) for image, caption in pairs]
+    out = pipe.txt2img(CAPTIONS, steps=15, cfg_scale=cfg_scale, sampler="DPM++ 2M Karras", seed=100,
+                       progress=False)                  # one batch; image i from seed 100 + i
+    assert [image.size for image in out.images] == [(64, 64)] * len(CAPTIONS)
+    results = [shapes.judge(image, caption) for image, caption in zip(out.images, CAPTIONS)]
     return {a: sum(bool(r[a]) for r in results) for a in MIN_CORRECT_CFG7}
 
 
