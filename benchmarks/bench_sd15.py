@@ -12,7 +12,9 @@ outputs of each are saved and compared (the "max |diff|" rows), so the table tim
 Each configuration (library x dtype x path) runs in its own subprocess, so its peak memory is its own:
 on CPU the peak resident set size (getrusage) above what the process held after importing its
 libraries; on a GPU torch.cuda.max_memory_allocated during one prompt-to-image run. Times are medians
-of --repeats runs after a warm-up, measured with CUDA events on a GPU.
+of --repeats runs after a warm-up, measured with CUDA events on a GPU. On a CPU each library runs twice
+(--rounds), sdlearn first and then diffusers first, and each figure is the median over the rounds: a
+machine that slows down or speeds up during the run then favours neither.
 
 What is timed (512x512, CFG batch 2 where the U-Net runs):
   CLIP          one prompt, (1, 77) tokens -> (1, 77, 768)
@@ -312,9 +314,9 @@ def count_unet_flops() -> float:
     return counter.get_total_flops()
 
 
-def run_config(cfg, workdir) -> tuple[dict, dict]:
+def run_config(cfg, workdir, round_: int = 0) -> tuple[dict, dict]:
     name = f"{cfg['lib']}-{cfg['path']}-{cfg['dtype']}"
-    cfg = dict(cfg, out=str(Path(workdir) / name))
+    cfg = dict(cfg, out=str(Path(workdir) / f"{name}-{round_}"))
     Path(cfg["out"]).mkdir(parents=True)
     print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
     start = time.time()
@@ -325,6 +327,24 @@ def run_config(cfg, workdir) -> tuple[dict, dict]:
     res = json.loads((Path(cfg["out"]) / "results.json").read_text())
     print(f"    done in {time.time() - start:.0f} s", flush=True)
     return res, torch.load(Path(cfg["out"]) / "outputs.pt")
+
+
+def run_pair(base, dtype, rounds, workdir) -> tuple[dict, dict, dict, dict]:
+    """sdlearn and diffusers eager, each `rounds` times in the order A B, B A, A B, ... so that a slow drift
+    of the machine (temperature, other programs) hits both alike. Each timing is the median over the
+    rounds; outputs are the first round's (every round computes the same numbers)."""
+    runs = {"sdlearn": [], "diffusers": []}
+    for r in range(rounds):
+        for lib in ("sdlearn", "diffusers") if r % 2 == 0 else ("diffusers", "sdlearn"):
+            runs[lib].append(run_config(dict(base, lib=lib, path="eager", dtype=dtype), workdir, r))
+
+    def merged(results):
+        return {key: ([v for r in results for v in r[key]] if key.endswith("_all") else
+                      statistics.median(r[key] for r in results)) for key in results[0]}
+
+    (ours, ours_out), (theirs, theirs_out) = ((merged([res for res, _ in runs[lib]]), runs[lib][0][1])
+                                              for lib in ("sdlearn", "diffusers"))
+    return ours, ours_out, theirs, theirs_out
 
 
 def max_diffs(a: dict, b: dict) -> str:
@@ -373,6 +393,8 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16 (CPU default), fp16 (GPU default)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (CPU 2, GPU 20)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="runs of each library, alternating which goes first (CPU 2, GPU 1)")
     ap.add_argument("--e2e-repeats", type=int, default=None, help="timed prompt-to-image runs (CPU 1, GPU 5)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps in the prompt-to-image run (CPU 2, GPU 25)")
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (512; smaller only for smoke tests)")
@@ -398,6 +420,7 @@ def main():
     if bad:
         raise SystemExit(f"unknown dtype/path {bad}; dtypes: {list(DTYPES)}, paths: fast, lowmem.")
     steps = args.steps or (2 if cpu else 25)
+    rounds = args.rounds or (2 if cpu else 1)
     if steps < 2:
         raise SystemExit("--steps must be at least 2 (the loop's it/s is measured between step ends).")
     base = dict(device=args.device, threads=args.threads, size=SIZE, steps=steps, compile_mode=args.compile_mode,
@@ -410,8 +433,7 @@ def main():
     report, eager = [], {}
     with tempfile.TemporaryDirectory() as workdir:
         for dtype in dtypes:
-            ours, ours_out = run_config(dict(base, lib="sdlearn", path="eager", dtype=dtype), workdir)
-            theirs, theirs_out = run_config(dict(base, lib="diffusers", path="eager", dtype=dtype), workdir)
+            ours, ours_out, theirs, theirs_out = run_pair(base, dtype, rounds, workdir)
             eager[dtype] = ours_out
             report += [f"**{dtype}**", ""] + table(dtype, ours, theirs, flops) + [""]
             report.append(f"Same computation (sdlearn vs diffusers, first outputs, max |diff|): "
@@ -434,6 +456,7 @@ def main():
     header = [f"### {device_name(args.device)}{threads} — {datetime.date.today().isoformat()}", "",
               f"torch {torch.__version__}, " + (f"CUDA {torch.version.cuda}, " if not cpu else "") +
               f"{base['repeats']} repeats (median), {base['e2e_repeats']} prompt-to-image runs of {steps} steps, "
+              f"{rounds} round(s) of each library (alternating which runs first; median over rounds), "
               f"Euler (Karras), CFG {CFG}, {SIZE}x{SIZE}, batch 1. Ratio < 1: sdlearn is faster. "
               f"Run time {time.time() - started:.0f} s." + (f" {args.note}" if args.note else ""),
               "", "```", command, "```", ""]
