@@ -154,15 +154,17 @@ def _log(log, text: str):
 # and the decoder settles for blobs; L1 keeps pulling every pixel to the right colour. Measured with
 # the same 2500 steps: held-out PSNR 24.0 dB (squared error: 22.2) and the judge, on 200 scenes sent
 # through the VAE, finds 99% of the colours (85%); with 6000 steps it finds half the shapes (the squared
-# error's 2500 steps: a third).
+# error's 2500 steps: a third). `python benchmarks/vae_recipes.py` reruns the comparison.
 
 
-def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator = None):
-    """(loss, reconstruction) for a batch x (B, 3, H, W) in [-1, 1]."""
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator = None,
+             reconstruction: str = "l1"):
+    """(loss, reconstruction) for a batch x (B, 3, H, W) in [-1, 1]; reconstruction "l1" or "mse" (squared)."""
     posterior = vae.encode(x)                       # q(z | x) over (B, 4, H/8, W/8)
     recon = vae.decode(posterior.sample(generator))  # decode a *sample*: the decoder learns to tolerate the noise
     kl = posterior.kl().mean() / posterior.mean[0].numel()   # per latent value: independent of image size
-    return F.l1_loss(recon, x) + kl_weight * kl, recon
+    error = {"l1": F.l1_loss, "mse": F.mse_loss}[reconstruction](recon, x)
+    return error + kl_weight * kl, recon
 
 
 def psnr(recon: torch.Tensor, x: torch.Tensor) -> float:
@@ -181,7 +183,7 @@ def random_crops(x: torch.Tensor, size: int, step: int, generator: torch.Generat
 
 def train_vae(images: np.ndarray, config: VAEConfig = None, steps: int = 2000, batch_size: int = 32,
               lr: float = 2e-3, kl_weight: float = 1e-4, crop: int = 32, seed: int = 0, log=print,
-              log_every: int = 100):
+              log_every: int = 100, reconstruction: str = "l1"):
     """Train an AutoencoderKL on uint8 images (N, H, W, 3). Returns (vae, losses per step).
 
     Like SD1.5's VAE (trained on 256x256 crops, used at 512x512), it trains on crops — here `crop` x
@@ -205,7 +207,7 @@ def train_vae(images: np.ndarray, config: VAEConfig = None, steps: int = 2000, b
         x = to_model_range(images[idx.numpy()])
         if crop is not None and crop < min(x.shape[-2:]):
             x = random_crops(x, crop, grid, generator)      # (B, 3, crop, crop)
-        loss, recon = vae_loss(vae, x, kl_weight, generator)
+        loss, recon = vae_loss(vae, x, kl_weight, generator, reconstruction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
