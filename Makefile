@@ -10,7 +10,7 @@ TORCH  ?= torch
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.sdlearn-installed
 
-.PHONY: lab test install equivalence clean-venv
+.PHONY: lab test demo install equivalence clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
+
+# One picture from the command line with TinySD, saved A1111-style under outputs/txt2img-images/.
+demo: $(STAMP)
+	$(PY) -m sdlearn "a large red circle in the middle on a blue background" --sampler "DPM++ 2M Karras" --seed 1
 
 # Unit and equivalence tests, then every course notebook and exercise solution under nbval
 # (outputs compared cell by cell; cells marked NBVAL_IGNORE_OUTPUT hold images or timings).

@@ -621,6 +621,8 @@ def _as_list(prompt) -> list:
 
 def _batch_size(prompt, negative_prompt, batch_size: int) -> int:
     """batch_size, or the number of prompts when a list of one per image is given."""
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1 (images per run), got {batch_size!r}.")
     lengths = {len(p) for p in (prompt, negative_prompt) if isinstance(p, (list, tuple))}
     if not lengths:
         return batch_size
