@@ -155,9 +155,8 @@ def _log(log, text: str):
 # the same 2500 steps: held-out PSNR 24.0 dB (squared error: 22.2) and the judge, on 200 scenes sent
 # through the VAE, finds 99% of the colours (85%); with 6000 steps it finds half the shapes (the squared
 # error's 2500 steps: a third). `python benchmarks/vae_recipes.py` reruns the comparison.
-# The KL weight, 1e-4, is no accident either: at 2500 steps, 1e-6 / 1e-5 / 3e-4 / 1e-3 reached 20.1 / 21.9
-# / 19.8 / 22.1 dB (`--runs l1:2500:1e-6,...`). No trend: a run this short is sensitive to the weight, and
-# 1e-4 happened to be the best of those tried.
+# The KL weight, 1e-4, was the best of those tried at 2500 steps: 1e-6 / 1e-5 / 3e-4 / 1e-3 reached 20.1 / 21.9
+# / 19.8 / 22.1 dB (`--runs l1:2500:1e-6,...`). No trend: a run this short is sensitive to the weight.
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator = None,
@@ -632,8 +631,7 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # 6. The whole recipe, and the command line
 # ---------------------------------------------------------------------------------------------
 
-# Step counts of the full run (~60 minutes on a 2-core CPU) and of --quick (~1 minute).
-# The shipped model's step counts. U-Net steps are the cheapest gain left: 5000 instead of 3000 (same VAE and
+# Step counts of the full run (~70 minutes on a 2-core CPU) and of --quick (~1 minute). U-Net steps are the cheapest gain left: 5000 instead of 3000 (same VAE and
 # text encoder) took colour right from 81% to 91% and all words from 40% to 47% (benchmarks/RESULTS.md).
 FULL = dict(scenes=30000, vae_steps=6000, clip_steps=1200, unet_steps=5000)
 QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
