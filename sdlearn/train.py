@@ -635,8 +635,8 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # gain so far: 5000 instead of 3000 (same VAE and text encoder) took colour right from 81% to 91% and all words from
 # 40% to 47% (benchmarks/RESULTS.md).
 # Tried and not shipped (commit f18b666, 94 min): the VAE for 10000 steps (gradient norm clipped at 5) and the text
-# encoder for 2400. The VAE got much better — held-out PSNR 24.9 -> 26.7 dB, shapes kept by its round trip 59% -> 87%
-# — and the U-Net's shapes followed (62% -> 75%), but with the same 5000 U-Net steps colour fell from 91% to 72%,
+# encoder for 2400. The VAE got much better — held-out PSNR 25.3 -> 26.7 dB and shapes kept by its round trip 59% -> 87%
+# (benchmarks/tinysd_quality.py's figures) — and the U-Net's shapes followed (62% -> 75%), but with the same 5000 U-Net steps colour fell from 91% to 72%,
 # position from 82% to 75% and count from 80% to 69%. Its final loss, 0.018 against 0.012 on the old latents, says
 # the new latents are harder to learn and want a longer U-Net run; but the text encoder changed too, so the colour
 # loss is not yet pinned on either.
