@@ -22,13 +22,15 @@ small configs, on the procedural world of `sdlearn.shapes` (64x64 images, 8x8x4 
     unet, ema = train_unet(latents, contexts)         # eps-prediction, caption dropout, EMA
     save_tinysd("assets/tinysd", vae, clip, ema)      # a diffusers-style folder
 
-and one command runs it all, reproducibly from a seed, on a laptop CPU in under an hour:
+and one command runs it all, reproducibly from a seed, on a 2-core laptop CPU in a little over two hours:
 
     python -m sdlearn.train --out assets/tinysd --seed 0 --threads 2     # how the shipped model was made
 
-(--quick: a one-minute smoke run; --vae-steps, --clip-steps, --unet-steps, --scenes: the budget. The same
-seed and thread count on the same machine give the same weights; another thread count or CPU rounds
-floats differently, which gives an equally good model with different bits.)
+(--quick: a one-minute smoke run; --vae-steps, --clip-steps, --unet-steps, --scenes: the budget;
+--vae-and-text-encoder-from FOLDER: keep a trained folder's VAE and text encoder and train only the U-Net,
+as SD1.5's U-Net was trained on a finished VAE and CLIP. The same seed and thread count on the same
+machine give the same weights; another thread count or CPU rounds floats differently, which gives an
+equally good model with different bits.)
 
 `sdlearn.load_pipeline("tiny")` then loads the folder through the same loader as SD1.5's diffusers
 folders. The folder never gets overwritten by accident: pass --overwrite to replace it.
@@ -58,6 +60,7 @@ from .schedule import SD15, add_noise, snr
 from .tokenizer import CLIPTokenizer
 from .unet import CROSS_ATTN_DOWN, CROSS_ATTN_UP, UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
+from .weights import load_pipeline
 
 # ---------------------------------------------------------------------------------------------
 # 0. The configs: SD1.5's architecture, scaled down
@@ -185,13 +188,18 @@ def random_crops(x: torch.Tensor, size: int, step: int, generator: torch.Generat
 
 def train_vae(images: np.ndarray, config: VAEConfig = None, steps: int = 2000, batch_size: int = 32,
               lr: float = 2e-3, kl_weight: float = 1e-4, crop: int = 32, seed: int = 0, log=print,
-              log_every: int = 100, reconstruction: str = "l1"):
+              log_every: int = 100, reconstruction: str = "l1", max_grad_norm: float = None):
     """Train an AutoencoderKL on uint8 images (N, H, W, 3). Returns (vae, losses per step).
 
     Like SD1.5's VAE (trained on 256x256 crops, used at 512x512), it trains on crops — here `crop` x
     `crop` pixels at offsets on the 8-pixel latent grid — four times cheaper than whole 64x64 images:
     a convolutional autoencoder is the same everywhere in the image, so what it learns on pieces holds
     for the whole. crop=None trains on whole images.
+
+    `max_grad_norm` clips the gradient's norm (TinySD uses 5; typical norms are 1-3), a guard against an
+    outlier batch. It does not stop the one loss spike these runs show while the learning rate is near its
+    peak: 6000 steps unclipped spiked at step ~2800 (loss 0.04 -> 0.23), 10000 steps clipped at ~2700
+    (0.04 -> 0.12); both recovered within ~700 steps (the logs of `python -m sdlearn.train`).
     """
     torch.manual_seed(seed)
     vae = AutoencoderKL(config or tiny_vae_config())
@@ -212,6 +220,8 @@ def train_vae(images: np.ndarray, config: VAEConfig = None, steps: int = 2000, b
         loss, recon = vae_loss(vae, x, kl_weight, generator, reconstruction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -559,7 +569,7 @@ def _save_weights(path: Path, model: nn.Module, dtype: torch.dtype):
 
 
 def check_output_folder(folder, overwrite: bool):
-    """Refuse to replace a non-empty folder unless overwrite=True (a finished model takes an hour to retrain)."""
+    """Refuse to replace a non-empty folder unless overwrite=True (a finished model takes two hours to retrain)."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -631,36 +641,23 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # 6. The whole recipe, and the command line
 # ---------------------------------------------------------------------------------------------
 
-# Step counts of the full run (~70 minutes on a 2-core CPU) and of --quick (~1 minute). U-Net steps are the cheapest
-# gain so far: 5000 instead of 3000 (same VAE and text encoder) took colour right from 81% to 91% and all words from
-# 40% to 47% (benchmarks/RESULTS.md).
-# Tried and not shipped (commit f18b666, 94 min): the VAE for 10000 steps (gradient norm clipped at 5) and the text
-# encoder for 2400. The VAE got much better — held-out PSNR 25.3 -> 26.7 dB and shapes kept by its round trip 59% -> 87%
-# (benchmarks/tinysd_quality.py's figures) — and the U-Net's shapes followed (62% -> 75%), but with the same 5000 U-Net steps colour fell from 91% to 72%,
-# position from 82% to 75% and count from 80% to 69%. Its final loss, 0.018 against 0.012 on the old latents, says
-# the new latents are harder to learn and want a longer U-Net run; but the text encoder changed too, so the colour
-# loss is not yet pinned on either.
-FULL = dict(scenes=30000, vae_steps=6000, clip_steps=1200, unet_steps=5000)
+# Step counts of the full run and of --quick (~1 minute). The U-Net's budget has been the cheapest gain: 5000
+# steps instead of 3000 (same VAE and text encoder) took colour right from 81% to 91% and all words from 40% to 47%.
+# The VAE limits shapes: at 6000 steps its round trip alone kept 59% of them, at 10000 steps (gradient norm clipped
+# at 5) 87%. But on those sharper latents a 5000-step U-Net fell to 72% colour (its final loss 0.018 against
+# 0.012, still falling), so the U-Net now trains 10000 steps. The text encoder trains in the other process
+# while the VAE does, and 2400 steps keep its core busy for about as long. (benchmarks/RESULTS.md has each
+# version's figures.)
+FULL = dict(scenes=30000, vae_steps=10000, clip_steps=2400, unet_steps=10000)
 QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
 
 
-def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: int = FULL["vae_steps"],
-                 clip_steps: int = FULL["clip_steps"], unet_steps: int = FULL["unet_steps"],
-                 overwrite: bool = False, log=print, command: str = None) -> Path:
-    """Train VAE, text encoder and U-Net in turn from `seed` and save them to `out`. Returns the folder."""
-    check_output_folder(out, overwrite)   # before an hour of training, not after
-    timings, start = {}, time.time()
-
-    # Data: one set of training scenes (held-out colour-shape pairs never appear) for all three models.
-    images, captions = shapes.dataset(scenes, seed=seed, split="train")
-    tokenizer = CLIPTokenizer()
-    input_ids = tokenizer(captions)                                              # (N, 77)
-    timings["data"] = time.time() - start
-    _log(log, f"{scenes} scenes, e.g. {captions[0]!r}  ({timings['data']:.0f}s)")
-
-    # 1 and 2 need nothing from each other, so the text encoder trains in a second process while the
-    # VAE trains here: one CPU thread each (more would fight over the cores). The U-Net, alone, gets them all.
-    t0 = time.time()
+def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_ids: torch.Tensor, tokenizer,
+                               seed: int, vae_steps: int, clip_steps: int, log=print):
+    """Stages 1 and 2: the VAE (with its scaling factor) and the text encoder. Returns (vae, text_encoder, info)."""
+    # They need nothing from each other, so the text encoder trains in a second process while the VAE
+    # trains here: one CPU thread each (more would fight over the cores).
+    t0, info = time.time(), {"seconds": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
@@ -674,26 +671,98 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
         # scenes with objects in colours the captions never name (shapes.NEW_COLOURS): SD1.5's VAE was
         # trained on every colour there is, and a fine-tune that teaches the word "pink" (sdlearn.finetune)
         # needs a decoder that can paint pink. The text encoder and the U-Net never see these scenes.
+        scenes = len(images)
         new_word_images = [shapes.dataset(scenes // 10, seed=seed + 3_000_000, new_colour=c)[0] for c in shapes.NEW_COLOURS]
-        vae, vae_losses = train_vae(np.concatenate([images, *new_word_images]), steps=vae_steps, seed=seed, log=log)
+        vae, vae_losses = train_vae(np.concatenate([images, *new_word_images]), steps=vae_steps, seed=seed,
+                                    max_grad_norm=5.0, log=log)
         vae.requires_grad_(False)
-        generator = torch.Generator().manual_seed(seed)
-        vae.config.scaling_factor = scaling_factor(vae, images[:1024], generator)
+        vae.config.scaling_factor = scaling_factor(vae, images[:1024], torch.Generator().manual_seed(seed))
         vae_psnr = reconstruction_psnr(vae, shapes.dataset(min(256, scenes), seed=seed + 1_000_000, split="heldout")[0])
-        timings["vae"] = time.time() - t0
+        info["seconds"]["vae"] = time.time() - t0
         _log(log, f"vae: scaling factor {vae.config.scaling_factor:.4f}, held-out PSNR {vae_psnr:.1f} dB "
-                  f"({timings['vae']:.0f}s)")
+                  f"({info['seconds']['vae']:.0f}s)")
 
         # 2. Text encoder, trained contrastively, then frozen.
         text_encoder, _, clip_losses = clip_job.result()
-        timings["vae+clip"] = time.time() - t0
+        info["seconds"]["vae+clip"] = time.time() - t0
+    torch.set_num_threads(threads)
+    info.update(steps={"vae": vae_steps, "clip": clip_steps}, scaling_factor=vae.config.scaling_factor,
+                vae_heldout_psnr_db=round(vae_psnr, 2),
+                final_losses={"vae": float(np.mean(vae_losses[-100:])), "clip": float(np.mean(clip_losses[-100:]))})
+    return vae, text_encoder, info
+
+
+def training_record(folder) -> dict:
+    """The training.json of a TinySD folder: how its models were made."""
+    record = Path(folder) / "training.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{folder} has no training.json: it is not a folder written by python -m "
+                                f"sdlearn.train, so how its VAE and text encoder were made is unknown.")
+    return json.loads(record.read_text(encoding="utf-8"))
+
+
+def load_vae_and_text_encoder(folder):
+    """Stages 1 and 2 taken from a TinySD folder this module saved. Returns (vae, text_encoder, info).
+
+    For training only a new U-Net on a VAE and text encoder that already exist — as SD1.5's U-Net was
+    trained on a VAE and a CLIP that were finished before it started."""
+    made = training_record(folder)
+    pipe = load_pipeline(folder, dtype=torch.float32)
+    vae, text_encoder = pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
+    info = {k: made[k] for k in ("scaling_factor", "vae_heldout_psnr_db")}
+    info.update(steps={k: made["steps"][k] for k in ("vae", "clip")},
+                final_losses={k: made["final_losses"][k] for k in ("vae", "clip")},
+                seconds={k: made["seconds"][k] for k in ("vae", "vae+clip")},
+                vae_and_text_encoder_from={"folder": str(folder), "command": made["command"]})
+    return vae, text_encoder, info
+
+
+def round_to_fp16_(model: nn.Module) -> nn.Module:
+    """Round a model's weights to the nearest float16 (kept in float32), in place: what saving as fp16 does."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half())
+    return model
+
+
+def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: int = FULL["vae_steps"],
+                 clip_steps: int = FULL["clip_steps"], unet_steps: int = FULL["unet_steps"],
+                 overwrite: bool = False, log=print, command: str = None, vae_and_text_encoder_from=None) -> Path:
+    """Train VAE, text encoder and U-Net in turn from `seed` and save them to `out`. Returns the folder.
+
+    vae_and_text_encoder_from: a TinySD folder whose VAE and text encoder to keep (vae_steps and clip_steps
+    are then unused); only the U-Net trains. With the same seed and scenes, the U-Net comes out the same,
+    bit for bit, as in the full run that made that folder's VAE and text encoder."""
+    check_output_folder(out, overwrite)   # before hours of training, not after
+    timings, start = {}, time.time()
+
+    # Data: one set of training scenes (held-out colour-shape pairs never appear) for all three models.
+    images, captions = shapes.dataset(scenes, seed=seed, split="train")
+    tokenizer = CLIPTokenizer()
+    input_ids = tokenizer(captions)                                              # (N, 77)
+    timings["data"] = time.time() - start
+    _log(log, f"{scenes} scenes, e.g. {captions[0]!r}  ({timings['data']:.0f}s)")
+
+    if vae_and_text_encoder_from is None:
+        vae, text_encoder, made = train_vae_and_text_encoder(images, captions, input_ids, tokenizer, seed,
+                                                             vae_steps, clip_steps, log)
+    else:
+        vae, text_encoder, made = load_vae_and_text_encoder(vae_and_text_encoder_from)
+        _log(log, f"vae and text encoder from {vae_and_text_encoder_from} ({made['steps']})")
+    timings.update(made.pop("seconds"))
+    # Both are frozen from here on and ship as fp16. Rounding them now means the U-Net learns from exactly
+    # the latents and contexts the shipped VAE and text encoder give (and a U-Net-only run from a saved
+    # folder matches the full run).
+    round_to_fp16_(vae)
+    round_to_fp16_(text_encoder)
 
     # 3. U-Net on latents and contexts computed once (both models are frozen, so they never change).
-    torch.set_num_threads(threads)
     t0 = time.time()
-    latents = encode_latents(vae, images, vae.config.scaling_factor, generator=generator)   # (N, 4, 8, 8)
-    contexts = encode_captions(text_encoder, input_ids)                                    # (N, 77, 64)
-    empty_context = encode_captions(text_encoder, tokenizer([""]))                         # (1, 77, 64)
+    latents = encode_latents(vae, images, vae.config.scaling_factor,
+                             generator=torch.Generator().manual_seed(seed + 4))   # (N, 4, 8, 8)
+    contexts = encode_captions(text_encoder, input_ids)                         # (N, 77, 64)
+    empty_context = encode_captions(text_encoder, tokenizer([""]))              # (1, 77, 64)
     timings["cache"] = time.time() - t0
     _log(log, f"cached latents {tuple(latents.shape)} (std {latents.std():.3f}) and contexts {tuple(contexts.shape)} "
               f"({timings['cache']:.0f}s)")
@@ -702,16 +771,14 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     timings["unet"] = time.time() - t0
     timings["total"] = time.time() - start
 
+    made["steps"]["unet"] = unet_steps
+    made["final_losses"]["unet"] = float(np.mean(unet_losses[-100:]))
     info = {
-        "command": command, "seed": seed, "scenes": scenes,
-        "steps": {"vae": vae_steps, "clip": clip_steps, "unet": unet_steps},
+        "command": command, "seed": seed, "scenes": scenes, **made,
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
                        "unet": count_parameters(ema)},
-        "scaling_factor": vae.config.scaling_factor, "vae_heldout_psnr_db": round(vae_psnr, 2),
-        "final_losses": {"vae": float(np.mean(vae_losses[-100:])), "clip": float(np.mean(clip_losses[-100:])),
-                         "unet": float(np.mean(unet_losses[-100:]))},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "machine": f"{cpu_name()}, torch {torch.__version__}, {threads} thread(s) for the U-Net "
+        "machine": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) for the U-Net "
                    f"(VAE and text encoder: one each, side by side)",
     }
     folder = save_tinysd(out, vae, text_encoder, ema, overwrite=overwrite, info=info)
@@ -747,6 +814,9 @@ def main(argv=None):
     for name in ("scenes", "vae_steps", "clip_steps", "unet_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                             help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
+    parser.add_argument("--vae-and-text-encoder-from", metavar="FOLDER", default=None,
+                        help="keep the VAE and text encoder of a TinySD folder this command wrote and train only "
+                             "the U-Net (the same seed and scenes give the U-Net the full run would)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). Results are reproducible for a given "
                              "seed and thread count; a different thread count changes the float rounding")
@@ -755,13 +825,19 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     counts = {name: getattr(args, name) if getattr(args, name) is not None else (QUICK if args.quick else FULL)[name]
               for name in FULL}
+    if args.vae_and_text_encoder_from is not None and (args.vae_steps, args.clip_steps) != (None, None):
+        parser.error("--vae-steps and --clip-steps cannot be used with --vae-and-text-encoder-from "
+                     "(that folder's VAE and text encoder are already trained)")
     try:
         check_output_folder(args.out, args.overwrite)
-    except FileExistsError as e:
+        if args.vae_and_text_encoder_from is not None:
+            training_record(args.vae_and_text_encoder_from)
+    except (FileExistsError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
     command = "python -m sdlearn.train " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    train_tinysd(args.out, seed=args.seed, overwrite=args.overwrite, log=log_line, command=command, **counts)
+    train_tinysd(args.out, seed=args.seed, overwrite=args.overwrite, log=log_line, command=command,
+                 vae_and_text_encoder_from=args.vae_and_text_encoder_from, **counts)
 
 
 if __name__ == "__main__":

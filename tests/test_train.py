@@ -1,6 +1,8 @@
 """sdlearn.train: each model learns (a few steps on tiny configs), runs are reproducible from the seed,
 the scaling factor is 1/std of the latents, the saved folder loads, and a trained model is never overwritten."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -208,6 +210,31 @@ def test_same_seed_same_model(trained, tmp_path):
     a, b = weights(trained), weights(again)
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_unet_only_run_matches_the_full_run(trained, tmp_path):
+    # Keeping the VAE and text encoder of a finished run and training only the U-Net gives that run's U-Net:
+    # the full run rounds both to fp16 (as saved) before it computes the U-Net's latents and contexts.
+    unet_only = tmp_path / "unet_only"
+    train.main(["--out", str(unet_only), "--vae-and-text-encoder-from", str(trained),
+                "--seed", "3", "--scenes", "64", "--unet-steps", "2", "--threads", "1"])
+    a, b = weights(trained), weights(unet_only)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    record = json.loads((unet_only / "training.json").read_text())
+    assert record["vae_and_text_encoder_from"]["folder"] == str(trained)
+    assert record["steps"] == {"vae": 2, "clip": 2, "unet": 2}
+
+
+def test_unet_only_run_needs_a_trained_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "x"), "--vae-and-text-encoder-from", str(tmp_path), "--vae-steps", "5"])
+    assert "--vae-steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--out", str(tmp_path / "x"), "--vae-and-text-encoder-from", str(tmp_path)] + ARGS[:4])
+    assert exit_info.value.code == 2
+    assert "has no training.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_another_seed_another_model(data):
