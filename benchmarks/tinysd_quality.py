@@ -27,7 +27,7 @@ import torch
 import sdlearn
 from sdlearn import shapes
 from sdlearn.finetune import SAMPLER, STEPS, judge_pipeline, vae_ceiling  # the fine-tuning benchmark's settings
-from sdlearn.train import cpu_name, reconstruction_psnr
+from sdlearn.train import cpu_name, made_by, reconstruction_psnr
 from sdlearn.weights import TINY_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,13 +135,10 @@ def training_note(model):
     if not path.exists():
         return ""
     info = json.loads(path.read_text(encoding="utf-8"))
-    sec, steps, params = info["seconds"], info["steps"], info["parameters"]
-    return (f"\nThe model: `{info['command']}` — {info['scenes']} scenes; VAE {params['vae']:,} parameters, "
+    steps, params = info["steps"], info["parameters"]
+    return (f"\nThe model: {made_by(info)} — {info['scenes']} scenes; VAE {params['vae']:,} parameters, "
             f"{steps['vae']} steps; text encoder {params['text_encoder']:,}, {steps['clip']} steps (trained alongside "
-            f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps. Wall time: VAE + CLIP "
-            f"{sec['vae+clip'] / 60:.1f} min, latent/context cache {sec['cache'] / 60:.1f} min, U-Net "
-            f"{sec['unet'] / 60:.1f} min, total {sec['total'] / 60:.1f} min on {info['machine']}.\n")
-
+            f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps; on {info['machine']}.\n")
 
 if __name__ == "__main__":
     main()

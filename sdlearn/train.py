@@ -578,9 +578,22 @@ def check_output_folder(folder, overwrite: bool):
         )
 
 
+def made_by(info: dict) -> str:
+    """Which command(s) made a TinySD folder and how long they took, from its training.json's contents."""
+    sec = info["seconds"]
+    source = info.get("vae_and_text_encoder_from")
+    if source is None:
+        return (f"`{info['command']}` in {sec['total'] / 60:.1f} min (VAE and text encoder side by side "
+                f"{sec['vae+clip'] / 60:.1f}, latent and context cache {sec['cache'] / 60:.1f}, U-Net {sec['unet'] / 60:.1f})")
+    full = sec["data"] + sec["vae+clip"] + sec["cache"] + sec["unet"]
+    return (f"`{source['command']}` (the VAE and text encoder, {sec['vae+clip'] / 60:.1f} min side by side) and "
+            f"`{info['command']}` (the U-Net on them, {(sec['cache'] + sec['unet']) / 60:.1f} min); the one command "
+            f"without --vae-and-text-encoder-from does both in about {full / 60:.0f} min")
+
+
 def model_card(info: dict) -> str:
     """A short README for the folder: what TinySD is and how it was made (from training.json's contents)."""
-    p, sec, steps = info["parameters"], info["seconds"], info["steps"]
+    p, steps = info["parameters"], info["steps"]
     return f"""# TinySD
 
 A miniature Stable Diffusion 1.5, trained from scratch by `sdlearn.train` on the procedural shapes world
@@ -598,8 +611,7 @@ VAE reconstruction PSNR on held-out scenes: {info['vae_heldout_psnr_db']} dB.
 
 Load it with `sdlearn.load_pipeline("tiny")`. Weights are stored as float16 and load as float32.
 
-Made by `{info['command']}` (seed {info['seed']}, {info['scenes']} scenes) in {sec['total'] / 60:.1f} minutes on
-{info['machine']}. Held-out colour-shape pairs ({", ".join(" ".join(pair) for pair in sorted(shapes.HELD_OUT))})
+Made by {made_by(info)} (seed {info['seed']}, {info['scenes']} scenes) on {info['machine']}. Held-out colour-shape pairs ({", ".join(" ".join(pair) for pair in sorted(shapes.HELD_OUT))})
 never appear in training. Prompt-following figures: benchmarks/RESULTS.md (section TinySD).
 """
 

@@ -224,6 +224,8 @@ def test_unet_only_run_matches_the_full_run(trained, tmp_path):
     record = json.loads((unet_only / "training.json").read_text())
     assert record["vae_and_text_encoder_from"]["folder"] == str(trained)
     assert record["steps"] == {"vae": 2, "clip": 2, "unet": 2}
+    card = (unet_only / "README.md").read_text()     # names both commands, the full run's first
+    assert card.index(f"--out {trained} ") < card.index(f"--vae-and-text-encoder-from {trained}")
 
 
 def test_unet_only_run_needs_a_trained_folder(tmp_path, capsys):
