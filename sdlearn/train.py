@@ -653,13 +653,15 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # 6. The whole recipe, and the command line
 # ---------------------------------------------------------------------------------------------
 
-# Step counts of the full run and of --quick (~1 minute). The U-Net's budget has been the cheapest gain: 5000
-# steps instead of 3000 (same VAE and text encoder) took colour right from 81% to 91% and all words from 40% to 47%.
-# The VAE limits shapes: at 6000 steps its round trip alone kept 59% of them, at 10000 steps (gradient norm clipped
-# at 5) 87%. But on those sharper latents a 5000-step U-Net fell to 72% colour (its final loss 0.018 against
-# 0.012, still falling), so the U-Net now trains 10000 steps. The text encoder trains in the other process
-# while the VAE does, and 2400 steps keep its core busy for about as long. (benchmarks/RESULTS.md has each
-# version's figures.)
+# Step counts of the full run and of --quick (~1 minute), and how they were chosen (benchmarks/tinysd_quality.py's
+# figures at CFG 7; benchmarks/RESULTS.md has each version's). The U-Net's budget has been the cheapest gain: 5000
+# steps instead of 3000 on the same VAE and text encoder took colour right from 81% to 91% and all words from 40%
+# to 47%. The VAE limits shapes: at 6000 steps its round trip alone kept 59% of them, at 10000 (gradient norm
+# clipped at 5) 87%. On those sharper latents a 5000-step U-Net fell to 72% colour (final loss 0.018 against 0.012,
+# still falling); 10000 steps brought it to 83% and took shapes to 82.5%, all words to 56%. Colour stays below the
+# 91% of the 6000-step VAE because the longer-trained VAE itself keeps the object's colour on 92% of rendered
+# scenes, not 97%. The text encoder trains in the other process while the VAE does, and 2400 steps keep its core
+# busy for about as long.
 FULL = dict(scenes=30000, vae_steps=10000, clip_steps=2400, unet_steps=10000)
 QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, unet_steps=60)
 
