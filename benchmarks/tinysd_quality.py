@@ -140,5 +140,6 @@ def training_note(model):
             f"{steps['vae']} steps; text encoder {params['text_encoder']:,}, {steps['clip']} steps (trained alongside "
             f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps; on {info['machine']}.\n")
 
+
 if __name__ == "__main__":
     main()

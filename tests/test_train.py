@@ -1,5 +1,6 @@
 """sdlearn.train: each model learns (a few steps on tiny configs), runs are reproducible from the seed,
-the scaling factor is 1/std of the latents, the saved folder loads, and a trained model is never overwritten."""
+the scaling factor is 1/std of the latents, the saved folder loads, a U-Net-only run from a saved folder
+matches the full run, and a trained model is never overwritten."""
 
 import json
 
