@@ -1,6 +1,7 @@
-"""sdlearn.train: each model learns (a few steps on tiny configs), runs are reproducible from the seed,
-the scaling factor is 1/std of the latents, the saved folder loads, a U-Net-only run from a saved folder
-matches the full run, and a trained model is never overwritten."""
+"""sdlearn.train: each model learns (a few steps on tiny configs), the decoder fine-tune moves only the decoder,
+runs are reproducible from the seed, the scaling factor is 1/std of the latents, the saved folder loads, a
+U-Net-only run and a decoder fine-tune from saved folders match the full run, and a trained model is never
+overwritten."""
 
 import json
 
@@ -37,10 +38,10 @@ def tiny_unet():
                       cross_attention_dim=16, norm_num_groups=8, sample_size=4)
 
 
-def falls(losses, k=5):
-    """Mean of the last k losses clearly below the mean of the first k."""
+def falls(losses, k=5, ratio=0.8):
+    """Mean of the last k losses clearly below (ratio times) the mean of the first k."""
     first, last = np.mean(losses[:k]), np.mean(losses[-k:])
-    return last < 0.8 * first, (first, last)
+    return last < ratio * first, (first, last)
 
 
 def test_vae_loss_falls(data):
@@ -48,6 +49,19 @@ def test_vae_loss_falls(data):
     _, losses = train.train_vae(images, tiny_vae(), steps=40, batch_size=8, lr=3e-3, seed=0, log=None)
     ok, (first, last) = falls(losses)
     assert ok, f"VAE loss did not fall: {first:.3f} -> {last:.3f}"
+
+
+def test_decoder_finetune_moves_only_the_decoder(data):
+    images, _, _ = data
+    vae, _ = train.train_vae(images, tiny_vae(), steps=2, batch_size=8, seed=0, log=None)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    losses = train.finetune_decoder(vae, images, steps=40, batch_size=8, lr=3e-3, seed=0, log=None)
+    ok, (first, last) = falls(losses, ratio=0.9)     # 0.67 -> 0.58: a decoder alone, on a barely trained encoder
+    assert ok, f"decoder loss did not fall: {first:.3f} -> {last:.3f}"
+    after = vae.state_dict()
+    moved = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {"decoder", "post_quant_conv"}     # encoder and quant_conv (the latents) untouched
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
 
 
 def test_clip_loss_falls_and_encoder_is_frozen(data):
@@ -176,7 +190,8 @@ def test_lr_schedule():
 
 # --- the command: reproducible, loadable, never overwrites -------------------------------------------
 
-ARGS = ["--seed", "3", "--scenes", "64", "--vae-steps", "2", "--clip-steps", "2", "--unet-steps", "2", "--threads", "1"]
+ARGS = ["--seed", "3", "--scenes", "64", "--vae-steps", "2", "--clip-steps", "2", "--decoder-steps", "2",
+        "--unet-steps", "2", "--threads", "1"]
 
 
 def weights(folder):
@@ -224,9 +239,41 @@ def test_unet_only_run_matches_the_full_run(trained, tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     record = json.loads((unet_only / "training.json").read_text())
     assert record["vae_and_text_encoder_from"]["folder"] == str(trained)
-    assert record["steps"] == {"vae": 2, "clip": 2, "unet": 2}
+    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
     card = (unet_only / "README.md").read_text()     # names both commands, the full run's first
     assert card.index(f"--out {trained} ") < card.index(f"--vae-and-text-encoder-from {trained}")
+
+
+def test_decoder_finetune_of_a_folder_matches_the_full_run(trained, tmp_path):
+    # A full run without the decoder stage, then --finetune-decoder-of on its folder, gives the full run's
+    # weights (the full run rounds its VAE to fp16 before the decoder stage, as the saved folder is).
+    plain, args = tmp_path / "plain", list(ARGS)
+    args[args.index("--decoder-steps") + 1] = "0"
+    train.main(["--out", str(plain)] + args)
+    finetuned = tmp_path / "finetuned"
+    train.main(["--out", str(finetuned), "--finetune-decoder-of", str(plain), "--decoder-steps", "2", "--threads", "1"])
+    a, b, c = weights(trained), weights(finetuned), weights(plain)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert {k.split(".")[1] for k in a if not torch.equal(b[k], c[k])} == {"decoder", "post_quant_conv"}
+    record = json.loads((finetuned / "training.json").read_text())
+    assert record["decoder_finetuned_from"]["folder"] == str(plain)
+    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
+    card = (finetuned / "README.md").read_text()     # names both commands, the full run's first
+    assert card.index(f"--out {plain} ") < card.index(f"--finetune-decoder-of {plain}")
+
+
+def test_decoder_finetune_refuses_bad_requests(trained, tmp_path, capsys):
+    out = tmp_path / "x"
+    for extra, message in ((["--unet-steps", "5"], "--unet-steps"), (["--seed", "1"], "--seed"),
+                           (["--vae-and-text-encoder-from", str(trained)], "not allowed with")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(out), "--finetune-decoder-of", str(trained)] + extra)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:      # trained's decoder already had its fine-tune
+        train.main(["--out", str(out), "--finetune-decoder-of", str(trained)])
+    assert exit_info.value.code == 2
+    assert "already fine-tuned" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_unet_only_run_needs_a_trained_folder(tmp_path, capsys):
