@@ -26,7 +26,7 @@ import torch
 
 import sdlearn
 from sdlearn import shapes
-from sdlearn.finetune import SAMPLER, STEPS, judge_pipeline, vae_ceiling  # the fine-tuning benchmark's settings
+from sdlearn.finetune import SAMPLER, STEPS, generate_for_judging, vae_ceiling  # the fine-tuning benchmark's settings
 from sdlearn.train import cpu_name, made_by, reconstruction_psnr
 from sdlearn.weights import TINY_DIR
 
@@ -55,6 +55,25 @@ def time_one_image(pipe, runs):
         pipe.txt2img(prompt, steps=STEPS, cfg_scale=7.0, sampler=SAMPLER, seed=i, progress=False)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def misplaced(pairs):
+    """(images with a wrong position, those among them where another object sits in the cell the caption asked for).
+
+    The second kind is a binding error: the object is drawn, the cell is used, but the position phrase went to the
+    wrong object ("a red circle and a blue square at the top left" with the red circle at the top left).
+    """
+    wrong = bound_elsewhere = 0
+    for image, caption in pairs:
+        verdict = shapes.judge(image, caption)
+        if verdict["position"] is not False:
+            continue
+        wrong += 1
+        found = verdict["found"]["objects"]
+        asked = [o for o in verdict["caption"].objects if o.position is not None]
+        bound_elsewhere += any(f["position"] == o.position and (f["colour"], f["shape"]) != (o.colour, o.shape)
+                               for o in asked for f in found)
+    return wrong, bound_elsewhere
 
 
 def row(name, acc, *extra):
@@ -90,12 +109,13 @@ def main(argv=None):
     # The VAE's ceiling: the same scenes encoded and decoded. What is lost here, no U-Net can draw.
     lines.append(row("rendered scenes through the VAE (decoder's ceiling)",
                      vae_ceiling(pipe, args.n, args.seed, new_colour=None)))   # the same scenes as train_scenes
-    results = {}
+    results, pairs = {}, {}
     for cfg in cfgs:
-        results[cfg] = judge_pipeline(pipe, [c for _, c in train_scenes], args.seed, cfg_scale=cfg)
+        pairs[cfg] = generate_for_judging(pipe, [c for _, c in train_scenes], args.seed, cfg_scale=cfg)
+        results[cfg] = shapes.accuracy(pairs[cfg])
         lines.append(row(f"TinySD, CFG {cfg:g}", results[cfg]))
         print(lines[-1], flush=True)
-    heldout = judge_pipeline(pipe, [c for _, c in heldout_scenes], args.seed, cfg_scale=7.0)
+    heldout = shapes.accuracy(generate_for_judging(pipe, [c for _, c in heldout_scenes], args.seed, cfg_scale=7.0))
     lines.append(row("TinySD, CFG 7, held-out colour-shape pairs", heldout))
     print(lines[-1], flush=True)
 
@@ -110,6 +130,9 @@ def main(argv=None):
     at7 = results[7.0]
     checks = [f"{a} {at7[a]:.1%} (target ≥ {t:.0%}) {'ok' if at7[a] >= t else 'MISSED'}" for a, t in TARGETS.items()]
     checks.append(f"held-out pairs overall {heldout['overall']:.1%} (aim ≥ 70%) {'ok' if heldout['overall'] >= 0.7 else 'MISSED'}")
+    wrong, bound_elsewhere = misplaced(pairs[7.0])
+    checks.append(f"position wrong in {wrong} images at CFG 7; in {bound_elsewhere} of them another object sits in the "
+                  f"asked-for cell (a binding error)")
     checks.append(f"VAE reconstruction PSNR on held-out scenes {psnr:.2f} dB (target ≥ 30) {'ok' if psnr >= 30 else 'MISSED'}")
     checks.append(f"one 20-step 64x64 image at CFG 7: {seconds[2]:.3f} s with 2 threads, {seconds[1]:.3f} s with 1 "
                   f"(median of {args.timing_runs}; target ≤ 1 s) {'ok' if min(seconds.values()) <= 1 else 'MISSED'}")
@@ -136,8 +159,9 @@ def training_note(model):
         return ""
     info = json.loads(path.read_text(encoding="utf-8"))
     steps, params = info["steps"], info["parameters"]
+    decoder = f" and {steps['decoder']} of the decoder alone" if steps.get("decoder") else ""
     return (f"\nThe model: {made_by(info)} — {info['scenes']} scenes; VAE {params['vae']:,} parameters, "
-            f"{steps['vae']} steps; text encoder {params['text_encoder']:,}, {steps['clip']} steps (trained alongside "
+            f"{steps['vae']} steps{decoder}; text encoder {params['text_encoder']:,}, {steps['clip']} steps (trained alongside "
             f"the VAE in a second process); U-Net {params['unet']:,}, {steps['unet']} steps; on {info['machine']}.\n")
 
 

@@ -367,10 +367,10 @@ def eval_captions(n: int, seed: int, new_colour: str | None = NEW_WORD) -> list:
     return [shapes.random_scene(rng, 64, "train", new_colour)[1] for _ in range(n)]
 
 
-def judge_pipeline(pipe, captions, seed: int = 2024, prompt_suffix: str = "", steps: int = STEPS,
-                   cfg_scale: float = CFG, batch_size: int = 25) -> dict:
-    """Generate one image per caption (prompt = caption + prompt_suffix, e.g. " <lora:pink:1>"), image i
-    from seed + i, and judge it against its caption: shapes.accuracy's {attribute: fraction, ..., "overall", "n"}.
+def generate_for_judging(pipe, captions, seed: int = 2024, prompt_suffix: str = "", steps: int = STEPS,
+                         cfg_scale: float = CFG, batch_size: int = 25) -> list:
+    """One image per caption (prompt = caption + prompt_suffix, e.g. " <lora:pink:1>"), image i from seed + i:
+    a list of (image, caption) pairs for the judge.
 
     Captions go through the U-Net `batch_size` at a time (a list of prompts is one batch): on a CPU a batch
     of 25 tiny images costs little more than one.
@@ -381,7 +381,13 @@ def judge_pipeline(pipe, captions, seed: int = 2024, prompt_suffix: str = "", st
         out = pipe.txt2img([caption + prompt_suffix for caption in chunk], steps=steps, cfg_scale=cfg_scale,
                            sampler=SAMPLER, seed=seed + start, progress=False)
         pairs += zip(out.images, chunk)
-    return shapes.accuracy(pairs)
+    return pairs
+
+
+def judge_pipeline(pipe, captions, seed: int = 2024, prompt_suffix: str = "", steps: int = STEPS,
+                   cfg_scale: float = CFG, batch_size: int = 25) -> dict:
+    """generate_for_judging's images, judged: shapes.accuracy's {attribute: fraction, ..., "overall", "n"}."""
+    return shapes.accuracy(generate_for_judging(pipe, captions, seed, prompt_suffix, steps, cfg_scale, batch_size))
 
 
 @torch.no_grad()
