@@ -29,11 +29,12 @@ and one command runs it all, reproducibly from a seed, on a 2-core laptop CPU in
 
 (--quick: a one-minute smoke run; --vae-steps, --clip-steps, --decoder-steps, --unet-steps, --scenes: the
 budget; --vae-and-text-encoder-from FOLDER: keep a trained folder's VAE and text encoder and train only the
-U-Net, as SD1.5's U-Net was trained on a finished VAE and CLIP; --finetune-decoder-of FOLDER: fine-tune only
-the decoder of a trained folder and keep the rest, as Stability's sd-vae-ft-mse did for SD1.5. Each gives the
-weights the one command would, from the same seed. The same seed and thread count on the same
-machine give the same weights; another thread count or CPU rounds floats differently, which gives an
-equally good model with different bits.)
+U-Net, as SD1.5's U-Net was trained on a finished VAE and CLIP; --vae-from FOLDER: keep a trained folder's VAE
+and train a new text encoder and U-Net; --finetune-decoder-of FOLDER: fine-tune only the decoder of a trained
+folder and keep the rest, as Stability's sd-vae-ft-mse did for SD1.5. Each gives the weights the one command
+would, from the same seed. --binding-negatives SHARE: a text-encoder recipe not yet in the shipped model. The
+same seed and thread count on the same machine give the same weights; another thread count or CPU rounds floats
+differently, which gives an equally good model with different bits.)
 
 `sdlearn.load_pipeline("tiny")` then loads the folder through the same loader as SD1.5's diffusers
 folders. The folder never gets overwritten by accident: pass --overwrite to replace it.
@@ -370,6 +371,55 @@ def counterfactual_caption(caption: str, rng: np.random.Generator, kinds=tuple(_
     return re.sub(r"\b(a|an) (\w+)", lambda m: f"{shapes._article(m.group(2))} {m.group(2)}", swapped)
 
 
+# Binding. The swaps above change a word; none changes which object a word belongs to. So a text encoder trained
+# on them can still read a caption as a bag of phrases: "a red circle at the top left and a blue square at the
+# bottom" and the same with the two places exchanged hold the same words, and TinySD's shipped text encoder gives
+# the two nearly the same pooled vector (cosine 0.99 against 0.8 for a changed word;
+# `python benchmarks/text_encoder_binding.py`). Its images show it: most of TinySD's wrong positions are the right
+# cell given to the wrong object. A *binding swap* is a hard negative with the same words, paired differently:
+# two objects' position phrases exchanged, or one object's phrase moved to another single object that had none.
+_OBJECT = re.compile(r"\b(a|an|one|two|three) (?:(?:small|large) )?(?:" + "|".join(shapes.COLOURS) + r") (?:"
+                     + "|".join([*shapes.SHAPES, *shapes.PLURALS.values()]) + r")\b")
+
+
+def binding_caption(caption: str, rng: np.random.Generator) -> str | None:
+    """The caption with its position phrases attached to other objects (same words): a hard negative. None if
+    the caption has no such swap (fewer than two objects, or no position phrase that can move)."""
+    objects = list(_OBJECT.finditer(caption))
+    phrases = []                      # each object's position phrase (the match right after it), or None
+    for i, obj in enumerate(objects):
+        stop = objects[i + 1].start() if i + 1 < len(objects) else len(caption)
+        phrase = _SWAP_PATTERNS["position"].search(caption, obj.end(), stop)
+        phrases.append(phrase if phrase is not None and phrase.start() == obj.end() + 1 else None)
+    placed = [i for i, p in enumerate(phrases) if p is not None]
+    free = [i for i, p in enumerate(phrases) if p is None and objects[i].group(1) in ("a", "an", "one")]
+    options = [("exchange", i, j) for i in placed for j in placed
+               if i < j and _POSITION_OF[phrases[i].group(0)] != _POSITION_OF[phrases[j].group(0)]]
+    options += [("move", i, j) for i in placed for j in free]
+    if not options:
+        return None
+    how, i, j = options[rng.integers(len(options))]
+    a = phrases[i]
+    if how == "exchange":             # i < j, so a comes first
+        b = phrases[j]
+        return caption[:a.start()] + b.group(0) + caption[a.end():b.start()] + a.group(0) + caption[b.end():]
+    without = caption[:a.start() - 1] + caption[a.end():]               # drop " <phrase>" after object i
+    at = objects[j].end() - (a.end() - a.start() + 1 if objects[j].start() > a.start() else 0)
+    return without[:at] + " " + a.group(0) + without[at:]
+
+
+def hard_negatives(captions: list[str], rng: np.random.Generator, binding_share: float = 0.0) -> list[str]:
+    """One hard negative per caption: a binding swap with probability `binding_share` where the caption has one,
+    otherwise counterfactual_caption's one-word swap."""
+    if not binding_share:             # draw for draw the negatives of the models trained before binding swaps
+        return [counterfactual_caption(c, rng) for c in captions]
+    out = []
+    for caption in captions:
+        swapped = binding_caption(caption, rng) if rng.random() < binding_share else None
+        out.append(swapped if swapped is not None else counterfactual_caption(caption, rng))
+    return out
+
+
 class ImageEncoder(nn.Module):
     """CLIP's image tower in miniature: four stride-2 convs (64 -> 4 pixels), flattened, projected to E.
 
@@ -632,6 +682,10 @@ def made_by(info: dict) -> str:
     parent = info.get("decoder_finetuned_from")        # finetune_tinysd_decoder: a saved folder, decoder fine-tuned
     if parent is not None:
         return f"{parent['made_by']}; then `{info['command']}` fine-tuned its VAE's decoder ({sec['decoder'] / 60:.1f} min)"
+    vae_source = info.get("vae_from")                   # a text encoder and U-Net trained on a saved folder's VAE
+    if vae_source is not None:
+        return (f"{vae_source['made_by']}; then `{info['command']}` trained a text encoder ({sec['clip'] / 60:.1f} min) "
+                f"and a U-Net of {info['steps']['unet']} steps ({(sec['cache'] + sec['unet']) / 60:.1f} min) on its VAE")
     source = info.get("vae_and_text_encoder_from")     # a U-Net-only run on a saved folder's VAE and text encoder
     if source is not None:
         before = source.get("made_by") or (f"`{source['command']}` (the VAE and text encoder, "
@@ -751,8 +805,14 @@ def heldout_psnr(vae: AutoencoderKL, scenes: int, seed: int) -> float:
     return reconstruction_psnr(vae, shapes.dataset(min(256, scenes), seed=seed + 1_000_000, split="heldout")[0])
 
 
+def text_encoder_negatives(captions: list[str], tokenizer, seed: int, binding_share: float) -> torch.Tensor:
+    """The token ids (N, 77) of each training caption's hard negative (hard_negatives, drawn from seed + 3)."""
+    return tokenizer(hard_negatives(captions, np.random.default_rng(seed + 3), binding_share))
+
+
 def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_ids: torch.Tensor, tokenizer,
-                               seed: int, vae_steps: int, clip_steps: int, decoder_steps: int, log=print):
+                               seed: int, vae_steps: int, clip_steps: int, decoder_steps: int,
+                               binding_share: float = 0.0, log=print):
     """Stages 1 and 2: the VAE (scaling factor, decoder fine-tune) and the text encoder. Returns (vae, text_encoder, info)."""
     # They need nothing from each other, so the text encoder trains in a second process while the VAE
     # trains here: one CPU thread each (more would fight over the cores).
@@ -762,8 +822,7 @@ def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_id
     vae_images = vae_training_images(images, seed)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        rng = np.random.default_rng(seed + 3)
-        negative_ids = tokenizer([counterfactual_caption(c, rng) for c in captions])   # (N, 77) hard negatives
+        negative_ids = text_encoder_negatives(captions, tokenizer, seed, binding_share)   # (N, 77)
         clip_job = pool.submit(train_clip, images, input_ids, steps=clip_steps, negative_ids=negative_ids,
                                seed=seed + 1, log=log)
 
@@ -788,7 +847,7 @@ def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_id
     info["seconds"]["decoder"] = time.time() - t1
     vae_psnr = heldout_psnr(vae, len(images), seed)
     _log(log, f"vae: held-out PSNR {vae_psnr:.1f} dB after {decoder_steps} decoder steps ({info['seconds']['decoder']:.0f}s)")
-    info.update(steps={"vae": vae_steps, "clip": clip_steps, "decoder": decoder_steps},
+    info.update(steps={"vae": vae_steps, "clip": clip_steps, "decoder": decoder_steps}, binding_negatives=binding_share,
                 scaling_factor=vae.config.scaling_factor, vae_heldout_psnr_db=round(vae_psnr, 2),
                 final_losses={"vae": float(np.mean(vae_losses[-100:])), "clip": float(np.mean(clip_losses[-100:])),
                               "decoder": float(np.mean(decoder_losses[-100:])) if decoder_losses else None})
@@ -814,21 +873,36 @@ def load_vae_and_text_encoder(folder):
     vae, text_encoder = pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
     stages = [k for k in made["steps"] if k != "unet"]                # vae, clip and (if fine-tuned) decoder
     info = {k: made[k] for k in ("scaling_factor", "vae_heldout_psnr_db")}
-    info.update(steps={k: made["steps"][k] for k in stages},
+    info.update(binding_negatives=made.get("binding_negatives", 0.0), steps={k: made["steps"][k] for k in stages},
                 final_losses={k: made["final_losses"][k] for k in stages},
-                seconds={k: made["seconds"][k] for k in ("vae", "vae+clip", "decoder") if k in made["seconds"]},
+                seconds={k: made["seconds"][k] for k in ("vae", "clip", "vae+clip", "decoder") if k in made["seconds"]},
                 vae_and_text_encoder_from={"folder": str(folder), "command": made["command"], "made_by": made_by(made)})
     return vae, text_encoder, info
+
+
+def load_vae(folder):
+    """Stage 1 (and 1b) taken from a TinySD folder this module saved. Returns (vae, info); the text encoder and
+    U-Net are then trained anew on it."""
+    made = training_record(folder)
+    vae = load_pipeline(folder, dtype=torch.float32).vae.requires_grad_(False)
+    stages = [k for k in ("vae", "decoder") if k in made["steps"]]
+    info = {k: made[k] for k in ("scaling_factor", "vae_heldout_psnr_db")}
+    info.update(steps={k: made["steps"][k] for k in stages}, final_losses={k: made["final_losses"][k] for k in stages},
+                seconds={k: made["seconds"][k] for k in stages},
+                vae_from={"folder": str(folder), "command": made["command"], "made_by": made_by(made)})
+    return vae, info
 
 
 def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: int = FULL["vae_steps"],
                  clip_steps: int = FULL["clip_steps"], decoder_steps: int = FULL["decoder_steps"],
                  unet_steps: int = FULL["unet_steps"], overwrite: bool = False, log=print, command: str = None,
-                 vae_and_text_encoder_from=None) -> Path:
+                 vae_and_text_encoder_from=None, vae_from=None, binding_negatives: float = 0.0) -> Path:
     """Train VAE, text encoder and U-Net in turn from `seed` and save them to `out`. Returns the folder.
 
     vae_and_text_encoder_from: a TinySD folder whose VAE and text encoder to keep (vae_steps, clip_steps and
-    decoder_steps are then unused); only the U-Net trains. With the same seed and scenes, the U-Net comes out the same,
+    decoder_steps are then unused); only the U-Net trains. vae_from: a TinySD folder whose VAE (decoder
+    fine-tune included) to keep; the text encoder and the U-Net train. binding_negatives: the share of the text
+    encoder's hard negatives that are binding swaps (hard_negatives). With the same seed and scenes, the U-Net comes out the same,
     bit for bit, as in the full run that made that folder's VAE and text encoder."""
     check_output_folder(out, overwrite)   # before hours of training, not after
     timings, start = {}, time.time()
@@ -840,9 +914,25 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     timings["data"] = time.time() - start
     _log(log, f"{scenes} scenes, e.g. {captions[0]!r}  ({timings['data']:.0f}s)")
 
-    if vae_and_text_encoder_from is None:
+    if vae_from is not None:
+        vae, made = load_vae(vae_from)
+        _log(log, f"vae from {vae_from} ({made['steps']})")
+        # The text encoder on one thread, as the full run trains it (beside the VAE): the same bits.
+        t0, threads = time.time(), torch.get_num_threads()
+        torch.set_num_threads(1)
+        text_encoder, _, clip_losses = train_clip(images, input_ids, steps=clip_steps, seed=seed + 1, log=log,
+                                                  negative_ids=text_encoder_negatives(captions, tokenizer, seed,
+                                                                                      binding_negatives))
+        torch.set_num_threads(threads)
+        made["seconds"]["clip"] = time.time() - t0
+        made["seconds"]["vae+clip"] = max(made["seconds"]["vae"], made["seconds"]["clip"])   # side by side in one run
+        made["steps"]["clip"] = clip_steps
+        made["final_losses"]["clip"] = float(np.mean(clip_losses[-100:]))
+        made["binding_negatives"] = binding_negatives
+    elif vae_and_text_encoder_from is None:
         vae, text_encoder, made = train_vae_and_text_encoder(images, captions, input_ids, tokenizer, seed,
-                                                             vae_steps, clip_steps, decoder_steps, log)
+                                                             vae_steps, clip_steps, decoder_steps, binding_negatives,
+                                                             log)
     else:
         vae, text_encoder, made = load_vae_and_text_encoder(vae_and_text_encoder_from)
         _log(log, f"vae and text encoder from {vae_and_text_encoder_from} ({made['steps']})")
@@ -954,9 +1044,15 @@ def main(argv=None):
     from_folder.add_argument("--vae-and-text-encoder-from", metavar="FOLDER", default=None,
                              help="keep the VAE and text encoder of a TinySD folder this command wrote and train only "
                                   "the U-Net (the same seed and scenes give the U-Net the full run would)")
+    from_folder.add_argument("--vae-from", metavar="FOLDER", default=None,
+                             help="keep the VAE (decoder fine-tune included) of a TinySD folder this command wrote and "
+                                  "train a new text encoder and U-Net on it")
     from_folder.add_argument("--finetune-decoder-of", metavar="FOLDER", default=None,
                              help="copy a TinySD folder this command wrote, fine-tuning only its VAE's decoder for "
                                   "--decoder-steps steps (the encoder, text encoder and U-Net stay as they are)")
+    parser.add_argument("--binding-negatives", metavar="SHARE", type=float, default=None,
+                        help="the share (0-1) of the text encoder's hard negatives that are binding swaps, position "
+                             "phrases attached to other objects (default 0: the shipped model's recipe)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). Results are reproducible for a given "
                              "seed and thread count; a different thread count changes the float rounding")
@@ -969,12 +1065,19 @@ def main(argv=None):
     if args.vae_and_text_encoder_from is not None and given & {"vae_steps", "clip_steps", "decoder_steps"}:
         parser.error("--vae-steps, --clip-steps and --decoder-steps cannot be used with --vae-and-text-encoder-from "
                      "(that folder's VAE and text encoder are already trained)")
+    if args.vae_from is not None and given & {"vae_steps", "decoder_steps"}:
+        parser.error("--vae-steps and --decoder-steps cannot be used with --vae-from (that folder's VAE is already trained)")
+    if args.binding_negatives is not None and (args.vae_and_text_encoder_from or args.finetune_decoder_of):
+        parser.error("--binding-negatives shapes the text encoder's training, which --vae-and-text-encoder-from "
+                     "and --finetune-decoder-of do not run")
+    if args.binding_negatives is not None and not 0 <= args.binding_negatives <= 1:
+        parser.error(f"--binding-negatives is a share from 0 to 1, got {args.binding_negatives}")
     if args.finetune_decoder_of is not None and given - {"decoder_steps"}:
         parser.error("--finetune-decoder-of trains only the decoder: give --decoder-steps, not "
                      + ", ".join("--" + name.replace("_", "-") for name in sorted(given - {"decoder_steps"})))
     if args.finetune_decoder_of is not None and args.seed is not None:
         parser.error("--seed cannot be used with --finetune-decoder-of (the folder's own seed is used)")
-    source = args.vae_and_text_encoder_from or args.finetune_decoder_of
+    source = args.vae_and_text_encoder_from or args.finetune_decoder_of or args.vae_from
     try:
         check_output_folder(args.out, args.overwrite)
         if source is not None:
@@ -990,7 +1093,8 @@ def main(argv=None):
                                 overwrite=args.overwrite, log=log_line, command=command)
     else:
         train_tinysd(args.out, seed=args.seed or 0, overwrite=args.overwrite, log=log_line, command=command,
-                     vae_and_text_encoder_from=args.vae_and_text_encoder_from, **counts)
+                     vae_and_text_encoder_from=args.vae_and_text_encoder_from, vae_from=args.vae_from,
+                     binding_negatives=args.binding_negatives or 0.0, **counts)
 
 
 if __name__ == "__main__":

@@ -22,3 +22,20 @@ def test_a_missing_file_is_created(tmp_path):
     path.parent.mkdir()
     append_to_section(path, "## A", "entry")
     assert path.read_text() == "# Benchmark results\n\n## A\n\nentry\n"
+
+
+def test_text_encoder_binding_variants_keep_or_change_words_as_named():
+    import dataclasses
+    import re
+
+    import text_encoder_binding as tb
+
+    from sdlearn import shapes
+
+    scenes, rng = tb.two_object_scenes(20, seed=0)
+    for scene in scenes:
+        base = re.findall(r"\w+", shapes.scene_to_caption(scene))
+        for name, objects in tb.variants(scene, rng).items():
+            changed = re.findall(r"\w+", shapes.scene_to_caption(dataclasses.replace(scene, objects=objects)))
+            assert changed != base
+            assert (sorted(changed) == sorted(base)) == name.startswith("binding swap"), name

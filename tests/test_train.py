@@ -4,6 +4,7 @@ U-Net-only run and a decoder fine-tune from saved folders match the full run, an
 overwritten."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,6 +101,34 @@ def test_counterfactual_caption_swaps_exactly_one_attribute():
              for i in range(40)]
     assert any(s.startswith("an orange") for s in swaps)
     assert not any("a orange" in s or "an red" in s for s in swaps)
+
+
+def test_binding_caption_moves_position_phrases_between_objects():
+    rng = np.random.default_rng(0)
+    assert train.binding_caption("a red circle at the top left and a blue square", rng) == \
+        "a red circle and a blue square at the top left"                   # moved to the object that had none
+    assert train.binding_caption("a red circle on the left and a blue square on the right, white background", rng) \
+        == "a red circle on the right and a blue square on the left, white background"   # exchanged
+    assert train.binding_caption("a small red circle at the top left on a blue background", rng) is None
+    assert train.binding_caption("two red circles and a blue square", rng) is None   # no phrase to move
+    _, captions = shapes.dataset(500, seed=0, split="train")
+    swapped = [(c, train.binding_caption(c, rng)) for c in captions]
+    swapped = [(c, b) for c, b in swapped if b is not None]
+    assert len(swapped) > 50
+    for caption, negative in swapped:        # the same words, a different scene
+        assert sorted(re.findall(r"\w+", caption)) == sorted(re.findall(r"\w+", negative))
+        assert shapes.parse_caption(negative) != shapes.parse_caption(caption)
+
+
+def test_hard_negatives_without_binding_are_the_old_recipe():
+    # Share 0 draws exactly what the shipped model's text encoder was trained on.
+    _, captions = shapes.dataset(200, seed=0, split="train")
+    rng_a, rng_b = np.random.default_rng(3), np.random.default_rng(3)
+    assert train.hard_negatives(captions, rng_a, 0.0) == [train.counterfactual_caption(c, rng_b) for c in captions]
+    # Share 1: a binding swap wherever the caption has one, a one-word swap elsewhere (a single object, say).
+    mixed = train.hard_negatives(captions, np.random.default_rng(3), 1.0)
+    same_words = [sorted(re.findall(r"\w+", c)) == sorted(re.findall(r"\w+", n)) for c, n in zip(captions, mixed)]
+    assert 0 < sum(same_words) < len(captions)
 
 
 def test_clip_with_hard_negatives(data):
@@ -242,6 +271,45 @@ def test_unet_only_run_matches_the_full_run(trained, tmp_path):
     assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
     card = (unet_only / "README.md").read_text()     # names both commands, the full run's first
     assert card.index(f"--out {trained} ") < card.index(f"--vae-and-text-encoder-from {trained}")
+
+
+def test_vae_from_run_matches_the_full_run(tmp_path):
+    # With binding negatives: the full run, then a new text encoder and U-Net on its VAE (--vae-from) with the
+    # same seed and steps, give the same weights; without binding negatives the text encoder differs.
+    full = tmp_path / "full"
+    train.main(["--out", str(full), "--binding-negatives", "0.5"] + ARGS)
+    vae_from = tmp_path / "vae_from"
+    args = [a for a in ARGS]
+    for flag in ("--vae-steps", "--decoder-steps"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    train.main(["--out", str(vae_from), "--vae-from", str(full), "--binding-negatives", "0.5"] + args)
+    a, b = weights(full), weights(vae_from)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    record = json.loads((vae_from / "training.json").read_text())
+    assert record["vae_from"]["folder"] == str(full) and record["binding_negatives"] == 0.5
+    assert record["steps"] == {"vae": 2, "decoder": 2, "clip": 2, "unet": 2}
+    card = (vae_from / "README.md").read_text()
+    assert card.index(f"--out {full} ") < card.index(f"--vae-from {full}")
+    plain = tmp_path / "plain"
+    train.main(["--out", str(plain), "--vae-from", str(full)] + args)
+    c = weights(plain)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("text_encoder."))
+    assert all(torch.equal(a[k], c[k]) for k in a if k.startswith("vae."))
+
+
+def test_vae_from_and_binding_negatives_refuse_bad_requests(trained, tmp_path, capsys):
+    out = tmp_path / "x"
+    for argv, message in (
+            (["--vae-from", str(trained), "--vae-steps", "5"], "--vae-steps"),
+            (["--vae-from", str(trained), "--vae-and-text-encoder-from", str(trained)], "not allowed with"),
+            (["--vae-and-text-encoder-from", str(trained), "--binding-negatives", "0.5"], "--binding-negatives"),
+            (["--binding-negatives", "2"], "from 0 to 1")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(out)] + argv)
+        assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_decoder_finetune_of_a_folder_matches_the_full_run(trained, tmp_path):
