@@ -697,7 +697,7 @@ def made_by(info: dict) -> str:
 
 
 def one_command_minutes(info: dict) -> float:
-    """About how long the one command (no --vae-and-text-encoder-from, no --finetune-decoder-of) takes for this folder."""
+    """About how long the one command (no --vae-and-text-encoder-from, --vae-from or --finetune-decoder-of) takes."""
     return sum(info["seconds"].get(k, 0) for k in ("data", "vae+clip", "decoder", "cache", "unet")) / 60
 
 
@@ -722,9 +722,8 @@ VAE reconstruction PSNR on held-out scenes: {info['vae_heldout_psnr_db']} dB.
 
 Load it with `sdlearn.load_pipeline("tiny")`. Weights are stored as float16 and load as float32.
 
-Made by {made_by(info)} (seed {info['seed']}, {info['scenes']} scenes) on {info['machine']}. In one run
-(`python -m sdlearn.train` without --vae-and-text-encoder-from or --finetune-decoder-of) the same steps take about
-{one_command_minutes(info):.0f} min. Held-out colour-shape pairs ({", ".join(" ".join(pair) for pair in sorted(shapes.HELD_OUT))})
+Made by {made_by(info)} (seed {info['seed']}, {info['scenes']} scenes) on {info['machine']}. In one run of
+`python -m sdlearn.train` (no option naming another folder) the same steps take about {one_command_minutes(info):.0f} min. Held-out colour-shape pairs ({", ".join(" ".join(pair) for pair in sorted(shapes.HELD_OUT))})
 never appear in training. Prompt-following figures: benchmarks/RESULTS.md (section TinySD).
 """
 
@@ -958,7 +957,7 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     timings["total"] = time.time() - start
 
     made["steps"]["unet"] = unet_steps
-    made["final_losses"]["unet"] = float(np.mean(unet_losses[-100:]))
+    made["final_losses"]["unet"] = float(np.mean(unet_losses[-100:])) if unet_losses else None
     info = {
         "command": command, "seed": seed, "scenes": scenes, **made,
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
