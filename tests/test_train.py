@@ -279,7 +279,7 @@ def test_vae_from_run_matches_the_full_run(tmp_path):
     full = tmp_path / "full"
     train.main(["--out", str(full), "--binding-negatives", "0.5"] + ARGS)
     vae_from = tmp_path / "vae_from"
-    args = [a for a in ARGS]
+    args = list(ARGS)
     for flag in ("--vae-steps", "--decoder-steps"):
         i = args.index(flag)
         del args[i:i + 2]
