@@ -379,6 +379,9 @@ def counterfactual_caption(caption: str, rng: np.random.Generator, kinds=tuple(_
 # `python benchmarks/text_encoder_binding.py`). Its images show it: most of TinySD's wrong positions are the right
 # cell given to the wrong object. A *binding swap* is a hard negative with the same words, paired differently:
 # two objects' position phrases exchanged, or one object's phrase moved to another single object that had none.
+# They come *on top of* the one-word swap, as a second negative per caption: given instead of 70% of the one-word
+# swaps (at commit 2e0bbe1) they fixed positions (80.8% -> 88.5% right) but cost shapes (85% -> 78%) and counts
+# (87.5% -> 77%), which only the one-word swaps teach (benchmarks/RESULTS.md, "TinySD v8, not shipped").
 _OBJECT = re.compile(r"\b(a|an|one|two|three) (?:(?:small|large) )?(?:" + "|".join(shapes.COLOURS) + r") (?:"
                      + "|".join([*shapes.SHAPES, *shapes.PLURALS.values()]) + r")\b")
 
@@ -411,7 +414,7 @@ def binding_caption(caption: str, rng: np.random.Generator) -> str | None:
 
 def hard_negatives(captions: list[str], rng: np.random.Generator, binding_share: float = 0.0) -> list[str]:
     """One hard negative per caption: a binding swap with probability `binding_share` where the caption has one,
-    otherwise counterfactual_caption's one-word swap."""
+    otherwise counterfactual_caption's one-word swap (share 0: one-word swaps only)."""
     if not binding_share:             # draw for draw the negatives of the models trained before binding swaps
         return [counterfactual_caption(c, rng) for c in captions]
     out = []
@@ -480,8 +483,8 @@ def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConf
                log_every: int = 100):
     """Train a CLIPTextModel contrastively against a small image encoder.
 
-    images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer; negative_ids (N, 77), optional: the
-    tokens of each caption's counterfactual (hard negatives). Returns (text_encoder, pair, losses): the
+    images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer; negative_ids (N, 77) or (K, N, 77),
+    optional: the tokens of each caption's K hard negatives (counterfactuals). Returns (text_encoder, pair, losses): the
     frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
     """
     torch.manual_seed(seed)
@@ -490,13 +493,14 @@ def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConf
     nn.init.normal_(text_encoder.text_model.embeddings.token_embedding.weight, std=0.02)
     nn.init.normal_(text_encoder.text_model.embeddings.position_embedding.weight, std=0.01)
     pair = ContrastivePair(text_encoder, image_size=images.shape[1])
+    negatives = [] if negative_ids is None else list(negative_ids) if negative_ids.dim() == 3 else [negative_ids]
     optimizer = torch.optim.Adam(pair.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     losses, start = [], time.time()
     pair.train()
     for step, idx in zip(range(steps), random_batches(len(images), batch_size, generator)):
         _set_lr(optimizer, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1)))
-        ids = input_ids[idx] if negative_ids is None else torch.cat([input_ids[idx], negative_ids[idx]])
+        ids = torch.cat([input_ids[idx]] + [n[idx] for n in negatives])       # (B + K*B, 77): captions, negatives
         loss, logits = pair(to_model_range(images[idx.numpy()]), trim_padding(ids))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -806,8 +810,14 @@ def heldout_psnr(vae: AutoencoderKL, scenes: int, seed: int) -> float:
 
 
 def text_encoder_negatives(captions: list[str], tokenizer, seed: int, binding_share: float) -> torch.Tensor:
-    """The token ids (N, 77) of each training caption's hard negative (hard_negatives, drawn from seed + 3)."""
-    return tokenizer(hard_negatives(captions, np.random.default_rng(seed + 3), binding_share))
+    """The token ids of the training captions' hard negatives: (N, 77), one one-word swap per caption (drawn from
+    seed + 3, as for every shipped model); with binding_share > 0, (2, N, 77): those, then a second negative per
+    caption — a binding swap with probability binding_share where the caption has one, else another one-word swap
+    (drawn from seed + 6)."""
+    one_word = tokenizer(hard_negatives(captions, np.random.default_rng(seed + 3)))
+    if not binding_share:
+        return one_word
+    return torch.stack([one_word, tokenizer(hard_negatives(captions, np.random.default_rng(seed + 6), binding_share))])
 
 
 def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_ids: torch.Tensor, tokenizer,
@@ -822,7 +832,7 @@ def train_vae_and_text_encoder(images: np.ndarray, captions: list[str], input_id
     vae_images = vae_training_images(images, seed)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
                              initargs=(1,)) as pool:
-        negative_ids = text_encoder_negatives(captions, tokenizer, seed, binding_share)   # (N, 77)
+        negative_ids = text_encoder_negatives(captions, tokenizer, seed, binding_share)   # (N, 77) or (2, N, 77)
         clip_job = pool.submit(train_clip, images, input_ids, steps=clip_steps, negative_ids=negative_ids,
                                seed=seed + 1, log=log)
 
@@ -908,7 +918,8 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     decoder_steps are then unused); only the U-Net trains. vae_from: a TinySD folder whose VAE (decoder
     fine-tune included) to keep; the text encoder and the U-Net train. With the same seed and scenes, what
     trains comes out the same, bit for bit, as in the full run that made that folder's VAE (and text encoder).
-    binding_negatives: the share of the text encoder's hard negatives that are binding swaps (hard_negatives)."""
+    binding_negatives: above 0, each caption gets a second hard negative, a binding swap with that probability
+    (text_encoder_negatives)."""
     check_output_folder(out, overwrite)   # before hours of training, not after
     timings, start = {}, time.time()
 
@@ -1056,8 +1067,9 @@ def main(argv=None):
                              help="copy a TinySD folder this command wrote, fine-tuning only its VAE's decoder for "
                                   "--decoder-steps steps (the encoder, text encoder and U-Net stay as they are)")
     parser.add_argument("--binding-negatives", metavar="SHARE", type=float, default=None,
-                        help="the share (0-1) of the text encoder's hard negatives that are binding swaps, position "
-                             "phrases attached to other objects (default 0: the shipped model's recipe)")
+                        help="give each caption a second hard negative for the text encoder: with this probability "
+                             "(0-1) a binding swap, its position phrases attached to other objects, where it has one; "
+                             "else another one-word swap (default 0: one negative each, the shipped model's recipe)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice). Results are reproducible for a given "
                              "seed and thread count; a different thread count changes the float rounding")

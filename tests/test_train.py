@@ -131,6 +131,20 @@ def test_hard_negatives_without_binding_are_the_old_recipe():
     assert 0 < sum(same_words) < len(captions)
 
 
+def test_binding_negatives_come_on_top_of_the_one_word_swaps():
+    _, captions = shapes.dataset(200, seed=0, split="train")
+    tokenizer = CLIPTokenizer()
+    old = train.text_encoder_negatives(captions, tokenizer, seed=0, binding_share=0.0)
+    assert old.shape == (200, 77)
+    assert torch.equal(old, tokenizer(train.hard_negatives(captions, np.random.default_rng(3))))
+    both = train.text_encoder_negatives(captions, tokenizer, seed=0, binding_share=1.0)
+    assert both.shape == (2, 200, 77) and torch.equal(both[0], old)     # the one-word swaps stay, draw for draw
+    # The second negative: a binding swap (the caption's own tokens, reordered) wherever the caption has one.
+    same_tokens = [torch.equal(a.sort().values, b.sort().values) for a, b in zip(tokenizer(captions), both[1])]
+    has_swap = [train.binding_caption(c, np.random.default_rng(0)) is not None for c in captions]
+    assert same_tokens == has_swap and 0 < sum(has_swap) < len(captions)
+
+
 def test_clip_with_hard_negatives(data):
     images, captions, ids = data
     rng = np.random.default_rng(0)
@@ -144,6 +158,12 @@ def test_clip_with_hard_negatives(data):
     scores = train.counterfactual_accuracy(pair, images, captions, CLIPTokenizer())
     assert set(scores) == {"colour", "shape", "size", "count", "position"}
     assert all(0 <= v <= 1 for v in scores.values())
+
+    # Two negatives per caption (one-word and binding swaps): each image picks among 3B captions.
+    lines = []
+    train.train_clip(images, ids, tiny_clip(), steps=1, batch_size=16, negative_ids=torch.stack([negatives] * 2),
+                     seed=0, log=lines.append, log_every=1)
+    assert "of 48" in lines[0], lines
 
 
 def test_unet_learns_and_ema_lags(data):
