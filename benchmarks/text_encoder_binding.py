@@ -4,11 +4,12 @@
     python benchmarks/text_encoder_binding.py --model my_tinysd   # any folder sdlearn.train wrote
 
 For 200 canonical two-object captions ("a small white cross at the bottom left and a large black triangle at
-the bottom right on a blue background") the text encoder reads the caption and three variants:
+the bottom right on a blue background") the text encoder reads the caption and five variants:
 
   - binding swap, positions: the two objects' places exchanged (the same words, paired differently);
   - word swap: one object's place replaced by a third cell (one word changed, what NegCLIP negatives do);
-  - binding swap, colours: the two objects' colours exchanged.
+  - binding swap, colours: the two objects' colours exchanged;
+  - word swap, one colour / one shape: one object's colour or shape replaced by one the caption does not name.
 
 It prints the cosine between the caption's pooled vector (what CLIP's contrastive loss compares) and each
 variant's, and how much the whole context (77 x D, what the U-Net reads) changes, relative to its norm. A bag
@@ -49,13 +50,20 @@ def two_object_scenes(n, seed):
 
 
 def variants(scene, rng):
-    """{name: the scene's objects changed} for the three kinds of change."""
+    """{name: the scene's objects changed} for each kind of change."""
     a, b = scene.objects
     third = rng.choice([p for p in shapes.POSITIONS if p not in (a.position, b.position)])
+    # The one-word swaps for colour and shape draw from a second generator, so that the rows above them keep the
+    # draws of the first version of this benchmark (and its figures in RESULTS.md stay comparable).
+    words = random.Random(shapes.scene_to_caption(scene))          # a str seed: the same draws in every process
+    colour = words.choice([c for c in shapes.COLOURS if c not in (a.colour, b.colour, scene.background)])
+    shape = words.choice([s for s in shapes.SHAPES if s not in (a.shape, b.shape)])
     return {"binding swap, positions": (dataclasses.replace(a, position=b.position),
                                         dataclasses.replace(b, position=a.position)),
             "word swap, one position": (dataclasses.replace(a, position=third), b),
-            "binding swap, colours": (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour))}
+            "binding swap, colours": (dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)),
+            "word swap, one colour": (dataclasses.replace(a, colour=colour), b),
+            "word swap, one shape": (dataclasses.replace(a, shape=shape), b)}
 
 
 @torch.no_grad()
@@ -67,8 +75,8 @@ def measure(text_encoder, scenes, rng):
         captions = [shapes.scene_to_caption(scene)] + [shapes.scene_to_caption(dataclasses.replace(scene, objects=o))
                                                        for o in changed.values()]
         ids = tokenizer(captions)
-        context = text_encoder(ids)                                            # (4, 77, D)
-        pooled = F.normalize(text_encoder.pooled(context, ids), dim=-1)        # (4, D)
+        context = text_encoder(ids)                                            # (1 + variants, 77, D)
+        pooled = F.normalize(text_encoder.pooled(context, ids), dim=-1)        # (1 + variants, D)
         for k, name in enumerate(changed, start=1):
             rows.setdefault(name, []).append(((pooled[0] @ pooled[k]).item(),
                                               ((context[k] - context[0]).norm() / context[0].norm()).item()))

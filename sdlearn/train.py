@@ -379,9 +379,10 @@ def counterfactual_caption(caption: str, rng: np.random.Generator, kinds=tuple(_
 # `python benchmarks/text_encoder_binding.py`). Its images show it: most of TinySD's wrong positions are the right
 # cell given to the wrong object. A *binding swap* is a hard negative with the same words, paired differently:
 # two objects' position phrases exchanged, or one object's phrase moved to another single object that had none.
-# They come *on top of* the one-word swap, as a second negative per caption: given instead of 70% of the one-word
-# swaps (at commit 2e0bbe1) they fixed positions (80.8% -> 88.5% right) but cost shapes (85% -> 78%) and counts
-# (87.5% -> 77%), which only the one-word swaps teach (benchmarks/RESULTS.md, "TinySD v8, not shipped").
+# They come *on top of* the one-word swap, as a second negative per caption. Given instead of 70% of the one-word
+# swaps (at commit 2e0bbe1), they fixed positions (80.8% -> 88.5% right), but the model lost shapes (85% -> 78%)
+# and counts (87.5% -> 77%) (benchmarks/RESULTS.md, "TinySD v8, not shipped"); as a second negative they take
+# nothing away from what the shipped recipe teaches.
 _OBJECT = re.compile(r"\b(a|an|one|two|three) (?:(?:small|large) )?(?:" + "|".join(shapes.COLOURS) + r") (?:"
                      + "|".join([*shapes.SHAPES, *shapes.PLURALS.values()]) + r")\b")
 
