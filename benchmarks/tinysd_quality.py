@@ -76,6 +76,21 @@ def misplaced(pairs):
     return wrong, bound_elsewhere
 
 
+def miscounted(pairs):
+    """(images with a wrong count, those among them whose caption asks for several objects of one kind).
+
+    "two yellow triangles" asks for a count with one word and no place to tell the objects apart: the plural
+    captions are where most counts go wrong.
+    """
+    wrong = plural = 0
+    for image, caption in pairs:
+        verdict = shapes.judge(image, caption)
+        if verdict["count"] is False:
+            wrong += 1
+            plural += any(o.count > 1 for o in verdict["caption"].objects)
+    return wrong, plural
+
+
 def row(name, acc, *extra):
     """A markdown table row: the name, each attribute's accuracy, n, then any extra cells."""
     cells = " | ".join("—" if acc[a] != acc[a] else f"{acc[a]:.1%}" for a in ATTRIBUTES)  # nan: not asked
@@ -133,6 +148,9 @@ def main(argv=None):
     wrong, bound_elsewhere = misplaced(pairs[7.0])
     checks.append(f"position wrong in {wrong} images at CFG 7; in {bound_elsewhere} of them another object sits in the "
                   f"asked-for cell (a binding error)")
+    wrong, plural = miscounted(pairs[7.0])
+    checks.append(f"count wrong in {wrong} images at CFG 7; {plural} of them asked for several objects of one kind "
+                  f"(\"two yellow triangles\")")
     checks.append(f"VAE reconstruction PSNR on held-out scenes {psnr:.2f} dB (target ≥ 30) {'ok' if psnr >= 30 else 'MISSED'}")
     checks.append(f"one 20-step 64x64 image at CFG 7: {seconds[2]:.3f} s with 2 threads, {seconds[1]:.3f} s with 1 "
                   f"(median of {args.timing_runs}; target ≤ 1 s) {'ok' if min(seconds.values()) <= 1 else 'MISSED'}")

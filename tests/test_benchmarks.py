@@ -39,3 +39,24 @@ def test_text_encoder_binding_variants_keep_or_change_words_as_named():
             changed = re.findall(r"\w+", shapes.scene_to_caption(dataclasses.replace(scene, objects=objects)))
             assert changed != base
             assert (sorted(changed) == sorted(base)) == name.startswith("binding swap"), name
+
+
+def test_misplaced_and_miscounted_count_what_they_name():
+    import tinysd_quality as tq
+
+    from sdlearn import shapes
+
+    def image(*objects):
+        return shapes.render(shapes.Scene("white", tuple(shapes.SceneObject(*o) for o in objects)))
+
+    two = image(("circle", "red", "large", "top left"), ("square", "blue", "large", "bottom right"))
+    right = "a large red circle at the top left and a large blue square at the bottom right on a white background"
+    exchanged = "a large red circle at the bottom right and a large blue square at the top left on a white background"
+    elsewhere = "a large red circle at the top right and a large blue square at the bottom right on a white background"
+    assert tq.misplaced([(two, right)]) == (0, 0)
+    assert tq.misplaced([(two, exchanged)]) == (1, 1)        # the asked-for cell holds the other object
+    assert tq.misplaced([(two, elsewhere)]) == (1, 0)        # the asked-for cell is empty
+    one = image(("circle", "red", "large", "center"))
+    assert tq.miscounted([(one, "a large red circle on a white background")]) == (0, 0)
+    assert tq.miscounted([(one, "two large red circles on a white background")]) == (1, 1)
+    assert tq.miscounted([(two, "a large red circle on a white background")]) == (1, 0)
