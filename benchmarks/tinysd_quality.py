@@ -57,15 +57,14 @@ def time_one_image(pipe, runs):
     return statistics.median(times)
 
 
-def misplaced(pairs):
+def misplaced(verdicts):
     """(images with a wrong position, those among them where another object sits in the cell the caption asked for).
 
     The second kind is a binding error: the object is drawn, the cell is used, but the position phrase went to the
     wrong object ("a red circle and a blue square at the top left" with the red circle at the top left).
     """
     wrong = bound_elsewhere = 0
-    for image, caption in pairs:
-        verdict = shapes.judge(image, caption)
+    for verdict in verdicts:               # shapes.judge's, one per image
         if verdict["position"] is not False:
             continue
         wrong += 1
@@ -76,15 +75,14 @@ def misplaced(pairs):
     return wrong, bound_elsewhere
 
 
-def miscounted(pairs):
+def miscounted(verdicts):
     """(images with a wrong count, those among them whose caption asks for several objects of one kind).
 
     "two yellow triangles" asks for a count with one word and no place to tell the objects apart: the plural
     captions are where most counts go wrong.
     """
     wrong = plural = 0
-    for image, caption in pairs:
-        verdict = shapes.judge(image, caption)
+    for verdict in verdicts:               # shapes.judge's, one per image
         if verdict["count"] is False:
             wrong += 1
             plural += any(o.count > 1 for o in verdict["caption"].objects)
@@ -145,10 +143,11 @@ def main(argv=None):
     at7 = results[7.0]
     checks = [f"{a} {at7[a]:.1%} (target ≥ {t:.0%}) {'ok' if at7[a] >= t else 'MISSED'}" for a, t in TARGETS.items()]
     checks.append(f"held-out pairs overall {heldout['overall']:.1%} (aim ≥ 70%) {'ok' if heldout['overall'] >= 0.7 else 'MISSED'}")
-    wrong, bound_elsewhere = misplaced(pairs[7.0])
+    verdicts = [shapes.judge(image, caption) for image, caption in pairs[7.0]]
+    wrong, bound_elsewhere = misplaced(verdicts)
     checks.append(f"position wrong in {wrong} images at CFG 7; in {bound_elsewhere} of them another object sits in the "
                   f"asked-for cell (a binding error)")
-    wrong, plural = miscounted(pairs[7.0])
+    wrong, plural = miscounted(verdicts)
     checks.append(f"count wrong in {wrong} images at CFG 7; {plural} of them asked for several objects of one kind "
                   f"(\"two yellow triangles\")")
     checks.append(f"VAE reconstruction PSNR on held-out scenes {psnr:.2f} dB (target ≥ 30) {'ok' if psnr >= 30 else 'MISSED'}")

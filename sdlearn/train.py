@@ -485,8 +485,8 @@ def train_clip(images: np.ndarray, input_ids: torch.Tensor, config: CLIPTextConf
     """Train a CLIPTextModel contrastively against a small image encoder.
 
     images (N, H, W, 3) uint8, input_ids (N, 77) from CLIPTokenizer; negative_ids (N, 77) or (K, N, 77),
-    optional: the tokens of each caption's K hard negatives (counterfactuals). Returns (text_encoder, pair, losses): the
-    frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
+    optional: the tokens of each caption's K hard negatives (counterfactuals). Returns (text_encoder, pair,
+    losses): the frozen text encoder, the whole ContrastivePair (to measure retrieval) and the loss per step.
     """
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(config or tiny_clip_config())

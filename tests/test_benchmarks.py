@@ -53,10 +53,10 @@ def test_misplaced_and_miscounted_count_what_they_name():
     right = "a large red circle at the top left and a large blue square at the bottom right on a white background"
     exchanged = "a large red circle at the bottom right and a large blue square at the top left on a white background"
     elsewhere = "a large red circle at the top right and a large blue square at the bottom right on a white background"
-    assert tq.misplaced([(two, right)]) == (0, 0)
-    assert tq.misplaced([(two, exchanged)]) == (1, 1)        # the asked-for cell holds the other object
-    assert tq.misplaced([(two, elsewhere)]) == (1, 0)        # the asked-for cell is empty
+    assert tq.misplaced([shapes.judge(two, right)]) == (0, 0)
+    assert tq.misplaced([shapes.judge(two, exchanged)]) == (1, 1)        # the asked-for cell holds the other object
+    assert tq.misplaced([shapes.judge(two, elsewhere)]) == (1, 0)        # the asked-for cell is empty
     one = image(("circle", "red", "large", "center"))
-    assert tq.miscounted([(one, "a large red circle on a white background")]) == (0, 0)
-    assert tq.miscounted([(one, "two large red circles on a white background")]) == (1, 1)
-    assert tq.miscounted([(two, "a large red circle on a white background")]) == (1, 0)
+    assert tq.miscounted([shapes.judge(one, "a large red circle on a white background")]) == (0, 0)
+    assert tq.miscounted([shapes.judge(one, "two large red circles on a white background")]) == (1, 1)
+    assert tq.miscounted([shapes.judge(two, "a large red circle on a white background")]) == (1, 0)
