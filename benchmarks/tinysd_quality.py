@@ -90,6 +90,16 @@ def miscounted(verdicts):
     return wrong, plural
 
 
+def plural_counts(verdicts):
+    """On the captions that ask for several objects of one kind: (how many, how many got too few objects, too many).
+
+    Guidance shows here: a stronger pull towards "two yellow triangles" can draw a third.
+    """
+    plural = [v for v in verdicts if any(o.count > 1 for o in v["caption"].objects)]
+    surplus = [len(v["found"]["objects"]) - sum(o.count for o in v["caption"].objects) for v in plural]
+    return len(plural), sum(d < 0 for d in surplus), sum(d > 0 for d in surplus)
+
+
 def row(name, acc, *extra):
     """A markdown table row: the name, each attribute's accuracy, n, then any extra cells."""
     cells = " | ".join("—" if acc[a] != acc[a] else f"{acc[a]:.1%}" for a in ATTRIBUTES)  # nan: not asked
@@ -164,13 +174,16 @@ def main(argv=None):
         checks.append(f"pooled over {pooled['n']} captions: " + ", ".join(f"{a} {pooled[a]:.1%}" for a in TARGETS)
                       + f"; from one {args.n}-caption set to another the figures move by (max - min, points) {spread}")
     checks.append(f"held-out pairs overall {heldout['overall']:.1%} (aim ≥ 70%) {'ok' if heldout['overall'] >= 0.7 else 'MISSED'}")
-    verdicts = [shapes.judge(image, caption) for image, caption in pairs[7.0]]
-    wrong, bound_elsewhere = misplaced(verdicts)
+    verdicts = {cfg: [shapes.judge(image, caption) for image, caption in pairs[cfg]] for cfg in cfgs}
+    wrong, bound_elsewhere = misplaced(verdicts[7.0])
     checks.append(f"position wrong in {wrong} images at CFG 7; in {bound_elsewhere} of them another object sits in the "
                   f"asked-for cell (a binding error)")
-    wrong, plural = miscounted(verdicts)
+    wrong, plural = miscounted(verdicts[7.0])
     checks.append(f"count wrong in {wrong} images at CFG 7; {plural} of them asked for several objects of one kind "
                   f"(\"two yellow triangles\")")
+    counts = {cfg: plural_counts(verdicts[cfg]) for cfg in cfgs}
+    checks.append("captions asking for several objects of one kind, objects drawn too few / too many: " + ", ".join(
+        f"CFG {cfg:g}: {few} / {many} of {n}" for cfg, (n, few, many) in counts.items()))
     checks.append(f"VAE reconstruction PSNR on held-out scenes {psnr:.2f} dB (target ≥ 30) {'ok' if psnr >= 30 else 'MISSED'}")
     checks.append(f"one 20-step 64x64 image at CFG 7: {seconds[2]:.3f} s with 2 threads, {seconds[1]:.3f} s with 1 "
                   f"(median of {args.timing_runs}; target ≤ 1 s) {'ok' if min(seconds.values()) <= 1 else 'MISSED'}")

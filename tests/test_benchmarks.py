@@ -41,7 +41,7 @@ def test_text_encoder_binding_variants_keep_or_change_words_as_named():
             assert (sorted(changed) == sorted(base)) == name.startswith("binding swap"), name
 
 
-def test_misplaced_and_miscounted_count_what_they_name():
+def test_misplaced_miscounted_and_plural_counts_count_what_they_name():
     import tinysd_quality as tq
 
     from sdlearn import shapes
@@ -57,6 +57,14 @@ def test_misplaced_and_miscounted_count_what_they_name():
     assert tq.misplaced([shapes.judge(two, exchanged)]) == (1, 1)        # the asked-for cell holds the other object
     assert tq.misplaced([shapes.judge(two, elsewhere)]) == (1, 0)        # the asked-for cell is empty
     one = image(("circle", "red", "large", "center"))
+    three = image(("circle", "red", "large", "top left"), ("circle", "red", "large", "bottom right"),
+                  ("circle", "red", "large", "top right"))
     assert tq.miscounted([shapes.judge(one, "a large red circle on a white background")]) == (0, 0)
     assert tq.miscounted([shapes.judge(one, "two large red circles on a white background")]) == (1, 1)
     assert tq.miscounted([shapes.judge(two, "a large red circle on a white background")]) == (1, 0)
+    # plural_counts: (plural captions, too few objects drawn, too many); a singular caption is not counted.
+    verdicts = [shapes.judge(one, "two large red circles on a white background"),                 # one too few
+                shapes.judge(two, "two large red circles on a white background"),                 # right number
+                shapes.judge(three, "two large red circles on a white background"),               # one too many
+                shapes.judge(three, "a large red circle on a white background")]
+    assert tq.plural_counts(verdicts) == (3, 1, 1)
