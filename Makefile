@@ -10,7 +10,7 @@ TORCH  ?= torch
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.sdlearn-installed
 
-.PHONY: lab test demo install equivalence clean-venv
+.PHONY: lab test demo install equivalence execute clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,18 @@ demo: $(STAMP)
 # Unit and equivalence tests, then every course notebook and exercise solution under nbval
 # (outputs compared cell by cell; cells marked NBVAL_IGNORE_OUTPUT hold images or timings).
 NOTEBOOKS = $(wildcard notebooks/*.ipynb)
+SOLUTIONS = $(wildcard exercises/solutions/*.ipynb)
 
 test: $(STAMP)
 	$(PY) exercises/make_exercises.py --check
 	# One thread: two threads on a shared 2-core machine spin against each other (a 50x slowdown was seen).
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests --nbval exercises/solutions $(NOTEBOOKS)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests --nbval $(SOLUTIONS) $(NOTEBOOKS)
+
+# Re-execute every course notebook and exercise solution in a fresh kernel, in place, two at a time (after a change
+# to sdlearn or a retrained TinySD; then read the outputs before committing them).
+execute: $(STAMP)
+	printf '%s\n' $(NOTEBOOKS) $(SOLUTIONS) | OMP_NUM_THREADS=1 xargs -P 2 -I NB \
+		$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False NB
 
 clean-venv:
 	rm -rf $(VENV)
