@@ -9,7 +9,8 @@ training split: colour-shape pairs the model has seen, in new scenes and phrasin
 the same at CFG 7 on the captions of two further seeds (how far 200 captions move a figure; the
 targets are judged on the first set, as the issue fixes it); captions with held-out colour-shape
 pairs (never seen together in training) at CFG 7; the VAE's reconstruction PSNR on held-out scenes;
-and the time for one 20-step 64x64 image (CFG 7, median of several runs). Prints a table and appends it, with the command, date and CPU, to benchmarks/RESULTS.md.
+and the time for one 20-step 64x64 image (CFG 7, median of several runs). Prints a table and appends
+it, with the command, date and CPU, to benchmarks/RESULTS.md.
 
 Targets (issue 4), at CFG 7: background >= 95%, colour >= 90%, shape >= 85%, position >= 85%,
 count >= 85%; clearly lower at CFG 1; held-out pairs >= 70%; PSNR >= 30 dB; <= 1 s per image.
@@ -76,6 +77,11 @@ def misplaced(verdicts):
     return wrong, bound_elsewhere
 
 
+def asks_for_several(verdict):
+    """Whether the judged caption asks for several objects of one kind ("two yellow triangles")."""
+    return any(o.count > 1 for o in verdict["caption"].objects)
+
+
 def miscounted(verdicts):
     """(images with a wrong count, those among them whose caption asks for several objects of one kind).
 
@@ -86,7 +92,7 @@ def miscounted(verdicts):
     for verdict in verdicts:               # shapes.judge's, one per image
         if verdict["count"] is False:
             wrong += 1
-            plural += any(o.count > 1 for o in verdict["caption"].objects)
+            plural += asks_for_several(verdict)
     return wrong, plural
 
 
@@ -95,8 +101,8 @@ def plural_counts(verdicts):
 
     Guidance shows here: a stronger pull towards "two yellow triangles" can draw a third.
     """
-    plural = [v for v in verdicts if any(o.count > 1 for o in v["caption"].objects)]
-    surplus = [len(v["found"]["objects"]) - sum(o.count for o in v["caption"].objects) for v in plural]
+    plural = [v for v in verdicts if asks_for_several(v)]
+    surplus = [len(v["found"]["objects"]) - v["caption"].n_objects for v in plural]
     return len(plural), sum(d < 0 for d in surplus), sum(d > 0 for d in surplus)
 
 
