@@ -703,6 +703,15 @@ def made_by(info: dict) -> str:
             f"{sec['vae+clip'] / 60:.1f}{decoder}, latent and context cache {sec['cache'] / 60:.1f}, U-Net {sec['unet'] / 60:.1f})")
 
 
+def earlier_stages_threads(vae_from, vae_and_text_encoder_from) -> str:
+    """How the stages before the U-Net ran in this command, for training.json's machine line."""
+    if vae_and_text_encoder_from is not None:
+        return " (VAE and text encoder loaded, not trained)"
+    if vae_from is not None:
+        return " (VAE loaded; text encoder: one thread)"
+    return " (VAE and text encoder: one each, side by side)"
+
+
 def one_command_minutes(info: dict) -> float:
     """About how long the one command (no --vae-and-text-encoder-from, --vae-from or --finetune-decoder-of) takes."""
     return sum(info["seconds"].get(k, 0) for k in ("data", "vae+clip", "decoder", "cache", "unet")) / 60
@@ -982,8 +991,8 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
                        "unet": count_parameters(ema)},
         "seconds": {k: round(v, 1) for k, v in timings.items()},
-        "machine": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) for the U-Net "
-                   f"(VAE and text encoder: one each, side by side)",
+        "machine": f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s) for the U-Net"
+                   + earlier_stages_threads(vae_from, vae_and_text_encoder_from),
     }
     folder = save_tinysd(out, vae, text_encoder, ema, overwrite=overwrite, info=info)
     _log(log, f"saved {folder} — total {timings['total'] / 60:.1f} min")

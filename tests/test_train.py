@@ -267,6 +267,8 @@ def test_command_writes_a_loadable_folder(trained):
     out = pipe.txt2img("a red circle", steps=2, sampler="DPM++ 2M Karras", seed=0, progress=False)
     assert out.images[0].size == (64, 64)
     assert all(t.dtype == torch.float16 for t in weights(trained).values())
+    record = json.loads((trained / "training.json").read_text())
+    assert record["machine"].endswith("(VAE and text encoder: one each, side by side)")
 
 
 def test_same_seed_same_model(trained, tmp_path):
@@ -289,6 +291,7 @@ def test_unet_only_run_matches_the_full_run(trained, tmp_path):
     record = json.loads((unet_only / "training.json").read_text())
     assert record["vae_and_text_encoder_from"]["folder"] == str(trained)
     assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
+    assert record["machine"].endswith("(VAE and text encoder loaded, not trained)")
     card = (unet_only / "README.md").read_text()     # names both commands, the full run's first
     assert card.index(f"--out {trained} ") < card.index(f"--vae-and-text-encoder-from {trained}")
 
@@ -310,6 +313,7 @@ def test_vae_from_run_matches_the_full_run(tmp_path):
     record = json.loads((vae_from / "training.json").read_text())
     assert record["vae_from"]["folder"] == str(full) and record["binding_negatives"] == 0.5
     assert record["steps"] == {"vae": 2, "decoder": 2, "clip": 2, "unet": 2}
+    assert record["machine"].endswith("(VAE loaded; text encoder: one thread)")
     card = (vae_from / "README.md").read_text()
     assert card.index(f"--out {full} ") < card.index(f"--vae-from {full}")
     plain = tmp_path / "plain"
