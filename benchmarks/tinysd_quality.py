@@ -218,9 +218,8 @@ def training_note(model):
     info = json.loads(path.read_text(encoding="utf-8"))
     steps, params = info["steps"], info["parameters"]
     decoder = f" and {steps['decoder']} of the decoder alone" if steps.get("decoder") else ""
-    alongside = "" if info.get("vae_from") else " (trained alongside the VAE in a second process)"
     return (f"\nThe model: {made_by(info)} — {info['scenes']} scenes; VAE {params['vae']:,} parameters, "
-            f"{steps['vae']} steps{decoder}; text encoder {params['text_encoder']:,}, {steps['clip']} steps{alongside}; "
+            f"{steps['vae']} steps{decoder}; text encoder {params['text_encoder']:,}, {steps['clip']} steps; "
             f"U-Net {params['unet']:,}, {steps['unet']} steps; on {info['machine']}.\n")
 
 
