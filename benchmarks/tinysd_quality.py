@@ -77,6 +77,25 @@ def misplaced(verdicts):
     return wrong, bound_elsewhere
 
 
+def miscoloured(verdicts):
+    """(images with a wrong colour, those among them asking for several objects, those whose objects all wear
+    colours the caption asked for).
+
+    The third kind is the colour's binding error: every colour drawn was asked for, but one went to the wrong object
+    ("a purple cross and a blue cross" drawn as two blue crosses). The rest show a colour nobody asked for, often a
+    neighbour of the asked one (orange drawn yellow).
+    """
+    wrong = several = bound_elsewhere = 0
+    for verdict in verdicts:               # shapes.judge's, one per image
+        if verdict["colour"] is not False:
+            continue
+        wrong += 1
+        several += verdict["caption"].n_objects > 1
+        drawn = {f["colour"] for f in verdict["found"]["objects"]}
+        bound_elsewhere += bool(drawn) and drawn <= {o.colour for o in verdict["caption"].objects}
+    return wrong, several, bound_elsewhere
+
+
 def asks_for_several(verdict):
     """Whether the judged caption asks for several objects of one kind ("two yellow triangles")."""
     return any(o.count > 1 for o in verdict["caption"].objects)
@@ -184,6 +203,9 @@ def main(argv=None):
     wrong, bound_elsewhere = misplaced(verdicts[7.0])
     checks.append(f"position wrong in {wrong} images at CFG 7; in {bound_elsewhere} of them another object sits in the "
                   f"asked-for cell (a binding error)")
+    wrong, several, bound_elsewhere = miscoloured(verdicts[7.0])
+    checks.append(f"colour wrong in {wrong} images at CFG 7; {several} of them asked for two or three objects; in "
+                  f"{bound_elsewhere} every colour drawn was asked for, on the wrong object (a binding error)")
     wrong, plural = miscounted(verdicts[7.0])
     checks.append(f"count wrong in {wrong} images at CFG 7; {plural} of them asked for several objects of one kind "
                   f"(\"two yellow triangles\")")

@@ -41,6 +41,25 @@ def test_text_encoder_binding_variants_keep_or_change_words_as_named():
             assert (sorted(changed) == sorted(base)) == name.startswith("binding swap"), name
 
 
+def test_miscoloured_counts_what_it_names():
+    import tinysd_quality as tq
+
+    from sdlearn import shapes
+
+    def image(*objects):
+        return shapes.render(shapes.Scene("white", tuple(shapes.SceneObject(*o) for o in objects)))
+
+    two_blue = image(("cross", "blue", "large", "left"), ("cross", "blue", "large", "right"))
+    one_red = image(("circle", "red", "large", "center"))
+    assert tq.miscoloured([shapes.judge(two_blue, "a large blue cross on the left and a large blue cross on the right "
+                                                  "on a white background")]) == (0, 0, 0)
+    # Both colours asked for, one drawn on both objects: a binding error.
+    assert tq.miscoloured([shapes.judge(two_blue, "a large purple cross on the left and a large blue cross on the "
+                                                  "right on a white background")]) == (1, 1, 1)
+    # A colour nobody asked for, on a one-object caption.
+    assert tq.miscoloured([shapes.judge(one_red, "a large orange circle on a white background")]) == (1, 0, 0)
+
+
 def test_misplaced_miscounted_and_plural_counts_count_what_they_name():
     import tinysd_quality as tq
 
