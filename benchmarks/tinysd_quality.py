@@ -82,8 +82,7 @@ def miscoloured(verdicts):
     colours the caption asked for).
 
     The third kind is the colour's binding error: every colour drawn was asked for, but one went to the wrong object
-    ("a purple cross and a blue cross" drawn as two blue crosses). The rest show a colour nobody asked for, often a
-    neighbour of the asked one (orange drawn yellow).
+    ("a purple cross and a blue cross" drawn as two blue crosses). The rest show a colour nobody asked for.
     """
     wrong = several = bound_elsewhere = 0
     for verdict in verdicts:               # shapes.judge's, one per image
