@@ -699,18 +699,21 @@ def made_by(info: dict) -> str:
     parent = info.get("decoder_finetuned_from")        # finetune_tinysd_decoder: a saved folder, decoder fine-tuned
     if parent is not None:
         return f"{parent['made_by']}; then `{info['command']}` fine-tuned its VAE's decoder ({sec['decoder'] / 60:.1f} min)"
+    unet_minutes = (sec["cache"] + sec["unet"] + sec.get("more_unet", 0)) / 60
+    unet_steps = f"{info['steps']['unet']}" + (f" + {info['steps']['more_unet']}" if "more_unet" in info["steps"] else "")
     vae_source = info.get("vae_from")                   # a text encoder and U-Net trained on a saved folder's VAE
     if vae_source is not None:
         return (f"{vae_source['made_by']}; then `{info['command']}` trained a text encoder ({sec['clip'] / 60:.1f} min) "
-                f"and a U-Net of {info['steps']['unet']} steps ({(sec['cache'] + sec['unet']) / 60:.1f} min) on its VAE")
+                f"and a U-Net of {unet_steps} steps ({unet_minutes:.1f} min) on its VAE")
     source = info.get("vae_and_text_encoder_from")     # a U-Net-only run on a saved folder's VAE and text encoder
     if source is not None:
         before = source.get("made_by") or (f"`{source['command']}` (the VAE and text encoder, "
                                            f"{sec['vae+clip'] / 60:.1f} min side by side)")
-        return f"{before}; then `{info['command']}` trained the U-Net on them ({(sec['cache'] + sec['unet']) / 60:.1f} min)"
+        return f"{before}; then `{info['command']}` trained the U-Net on them ({unet_minutes:.1f} min)"
     decoder = f", decoder fine-tune {sec['decoder'] / 60:.1f}" if "decoder" in sec else ""
     return (f"`{info['command']}` in {sec['total'] / 60:.1f} min (VAE and text encoder side by side "
-            f"{sec['vae+clip'] / 60:.1f}{decoder}, latent and context cache {sec['cache'] / 60:.1f}, U-Net {sec['unet'] / 60:.1f})")
+            f"{sec['vae+clip'] / 60:.1f}{decoder}, latent and context cache {sec['cache'] / 60:.1f}, "
+            f"U-Net {unet_steps} steps {(sec['unet'] + sec.get('more_unet', 0)) / 60:.1f})")
 
 
 def earlier_stages_threads(vae_from, vae_and_text_encoder_from) -> str:
@@ -803,8 +806,15 @@ def save_tinysd(folder, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: U
 # shapes to 85%, count to 87.5%, all words to 63% (held-out PSNR 26.7 -> 30.5 dB); 2400 decoder steps instead took
 # shapes to 86.5%, all words to 65% (pooled over 600 captions 64.2 -> 65.5%; 31.0 dB). The text encoder trains in
 # the other process while the VAE does, and 2400 steps keep its core busy for about as long.
-FULL = dict(scenes=30000, vae_steps=10000, clip_steps=2400, decoder_steps=2400, unet_steps=10000)
-QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, decoder_steps=10, unet_steps=60)
+FULL = dict(scenes=30000, vae_steps=10000, clip_steps=2400, decoder_steps=2400, unet_steps=10000,
+            more_unet_steps=5000)
+QUICK = dict(scenes=2000, vae_steps=40, clip_steps=40, decoder_steps=10, unet_steps=60, more_unet_steps=20)
+
+# A second cosine cycle for the U-Net (a warm restart, as in SGDR): its loss was still falling at the end of the
+# first (10000 steps: 0.0216 at 5000, 0.0145 at 10000), and doubling its steps before (v5 -> v6) was the largest
+# single gain. Starting again from the saved EMA weights at half the first peak rate keeps what the first cycle
+# learned while the rate rises; the cycle ends at a tenth of its peak, as the first does.
+MORE_UNET_LR = 5e-4
 
 
 def round_to_fp16_(model: nn.Module) -> nn.Module:
@@ -909,7 +919,7 @@ def load_vae_and_text_encoder(folder):
     made = training_record(folder)
     pipe = load_pipeline(folder, dtype=torch.float32)
     vae, text_encoder = pipe.vae.requires_grad_(False), pipe.text_encoder.requires_grad_(False)
-    stages = [k for k in made["steps"] if k != "unet"]                # vae, clip and (if fine-tuned) decoder
+    stages = [k for k in made["steps"] if k not in ("unet", "more_unet")]   # vae, clip and (if fine-tuned) decoder
     info = {k: made[k] for k in ("scaling_factor", "vae_heldout_psnr_db")}
     info.update(binding_negatives=made.get("binding_negatives", 0.0), steps={k: made["steps"][k] for k in stages},
                 final_losses={k: made["final_losses"][k] for k in stages},
@@ -941,7 +951,8 @@ def unet_training_data(vae: AutoencoderKL, text_encoder: CLIPTextModel, images: 
 
 def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: int = FULL["vae_steps"],
                  clip_steps: int = FULL["clip_steps"], decoder_steps: int = FULL["decoder_steps"],
-                 unet_steps: int = FULL["unet_steps"], overwrite: bool = False, log=print, command: str = None,
+                 unet_steps: int = FULL["unet_steps"], more_unet_steps: int = FULL["more_unet_steps"],
+                 overwrite: bool = False, log=print, command: str = None,
                  vae_and_text_encoder_from=None, vae_from=None, binding_negatives: float = 0.0) -> Path:
     """Train VAE, text encoder and U-Net in turn from `seed` and save them to `out`. Returns the folder.
 
@@ -999,10 +1010,19 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     t0 = time.time()
     _, ema, unet_losses = train_unet(latents, contexts, empty_context, steps=unet_steps, seed=seed + 2, log=log)
     timings["unet"] = time.time() - t0
-    timings["total"] = time.time() - start
-
     made["steps"]["unet"] = unet_steps
     made["final_losses"]["unet"] = float(np.mean(unet_losses[-100:])) if unet_losses else None
+    if more_unet_steps:
+        # 3b. The second cycle, from the EMA weights as a saved folder holds them (fp16), as continue_tinysd_unet
+        # runs it on that folder: the same bits, on the same thread count.
+        t0 = time.time()
+        _, ema, more_losses = train_unet(latents, contexts, empty_context, steps=more_unet_steps, lr=MORE_UNET_LR,
+                                         seed=seed + 7, init=round_to_fp16_(ema), log=log)
+        timings["more_unet"] = time.time() - t0
+        made["steps"]["more_unet"] = more_unet_steps
+        made["final_losses"]["more_unet"] = float(np.mean(more_losses[-100:]))
+    timings["total"] = time.time() - start
+
     info = {
         "command": command, "seed": seed, "scenes": scenes, **made,
         "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
@@ -1054,13 +1074,6 @@ def finetune_tinysd_decoder(source, out, steps: int = FULL["decoder_steps"], ove
     folder = save_tinysd(out, pipe.vae, pipe.text_encoder, pipe.unet, overwrite=overwrite, info=info)
     _log(log, f"saved {folder}: {source} with its decoder fine-tuned ({info['seconds']['decoder'] / 60:.1f} min)")
     return folder
-
-
-# A second cosine cycle for the U-Net (a warm restart, as in SGDR): its loss was still falling at the end of the
-# first (10000 steps: 0.0216 at 5000, 0.0145 at 10000), and doubling its steps before (v5 -> v6) was the largest
-# single gain. Starting again from the saved EMA weights at half the first peak rate keeps what the first cycle
-# learned while the rate rises; the cycle ends at a tenth of its peak, as the first does.
-MORE_UNET_LR = 5e-4
 
 
 def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=print, command: str = None) -> Path:
@@ -1143,11 +1156,9 @@ def main(argv=None):
                              help="copy a TinySD folder this command wrote, fine-tuning only its VAE's decoder for "
                                   "--decoder-steps steps (the encoder, text encoder and U-Net stay as they are)")
     from_folder.add_argument("--continue-unet-of", metavar="FOLDER", default=None,
-                             help="copy a TinySD folder this command wrote, training its U-Net --more-unet-steps "
-                                  "more from its saved weights (a second learning-rate cycle; VAE and text encoder "
-                                  "stay as they are)")
-    parser.add_argument("--more-unet-steps", type=int, default=None,
-                        help="with --continue-unet-of: how many further U-Net steps (required there)")
+                             help="copy a TinySD folder this command wrote (with --more-unet-steps 0), training its "
+                                  "U-Net --more-unet-steps more from its saved weights (the second learning-rate "
+                                  "cycle; the VAE and text encoder stay as they are)")
     parser.add_argument("--binding-negatives", metavar="SHARE", type=float, default=None,
                         help="give each caption a second hard negative for the text encoder: with this probability "
                              "(0-1) a binding swap, its position phrases attached to other objects, where it has one; "
@@ -1176,11 +1187,10 @@ def main(argv=None):
                      + ", ".join("--" + name.replace("_", "-") for name in sorted(given - {"decoder_steps"})))
     if args.finetune_decoder_of is not None and args.seed is not None:
         parser.error("--seed cannot be used with --finetune-decoder-of (the folder's own seed is used)")
-    if (args.continue_unet_of is None) != (args.more_unet_steps is None):
-        parser.error("--continue-unet-of and --more-unet-steps go together")
-    if args.continue_unet_of is not None and (given or args.seed is not None or args.binding_negatives is not None):
+    if args.continue_unet_of is not None and (given - {"more_unet_steps"} or args.seed is not None
+                                              or args.binding_negatives is not None):
         parser.error("--continue-unet-of trains only the U-Net further, from the folder's own seed and scenes: "
-                     "give --more-unet-steps alone")
+                     "give --more-unet-steps, nothing else")
     source = args.vae_and_text_encoder_from or args.finetune_decoder_of or args.vae_from or args.continue_unet_of
     try:
         check_output_folder(args.out, args.overwrite)
@@ -1195,7 +1205,7 @@ def main(argv=None):
     command = "python -m sdlearn.train " + " ".join(argv if argv is not None else sys.argv[1:])
 
     if args.continue_unet_of is not None:
-        continue_tinysd_unet(args.continue_unet_of, args.out, steps=args.more_unet_steps, overwrite=args.overwrite,
+        continue_tinysd_unet(args.continue_unet_of, args.out, steps=counts["more_unet_steps"], overwrite=args.overwrite,
                              log=log_line, command=command)
     elif args.finetune_decoder_of is not None:
         finetune_tinysd_decoder(args.finetune_decoder_of, args.out, steps=counts["decoder_steps"],

@@ -1,7 +1,7 @@
 """sdlearn.train: each model learns (a few steps on tiny configs), the decoder fine-tune moves only the decoder,
 runs are reproducible from the seed, the scaling factor is 1/std of the latents, the saved folder loads, a
-U-Net-only run and a decoder fine-tune from saved folders match the full run, and a trained model is never
-overwritten."""
+U-Net-only run, a decoder fine-tune and the U-Net's second cycle from saved folders match the full run, and a
+trained model is never overwritten."""
 
 import json
 import re
@@ -191,6 +191,17 @@ def test_unet_learns_and_ema_lags(data):
     assert eval_loss(ema) < eval_loss(init)
 
 
+def test_unet_training_can_start_from_a_trained_unet(data):
+    latents, contexts, empty = torch.randn(16, 4, 4, 4), torch.randn(16, 77, 16), torch.zeros(1, 77, 16)
+    first, _, _ = train.train_unet(latents, contexts, empty, tiny_unet(), steps=3, batch_size=8, seed=0, log=None)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    again, _, _ = train.train_unet(latents, contexts, empty, steps=0, seed=5, log=None, init=first)
+    assert again is not first and all(torch.equal(v, before[k]) for k, v in again.state_dict().items())
+    more, _, losses = train.train_unet(latents, contexts, empty, steps=2, batch_size=8, seed=5, log=None, init=first)
+    assert len(losses) == 2 and not torch.equal(more.conv_in.weight, before["conv_in.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in first.state_dict().items())    # the start is left as it was
+
+
 def test_ema_update_is_the_moving_average():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     expected = 0.9 * a.weight.detach().clone() + 0.1 * b.weight.detach()
@@ -240,7 +251,7 @@ def test_lr_schedule():
 # --- the command: reproducible, loadable, never overwrites -------------------------------------------
 
 ARGS = ["--seed", "3", "--scenes", "64", "--vae-steps", "2", "--clip-steps", "2", "--decoder-steps", "2",
-        "--unet-steps", "2", "--threads", "1"]
+        "--unet-steps", "2", "--more-unet-steps", "2", "--threads", "1"]
 
 
 def weights(folder):
@@ -284,13 +295,13 @@ def test_unet_only_run_matches_the_full_run(trained, tmp_path):
     # the full run rounds both to fp16 (as saved) before it computes the U-Net's latents and contexts.
     unet_only = tmp_path / "unet_only"
     train.main(["--out", str(unet_only), "--vae-and-text-encoder-from", str(trained),
-                "--seed", "3", "--scenes", "64", "--unet-steps", "2", "--threads", "1"])
+                "--seed", "3", "--scenes", "64", "--unet-steps", "2", "--more-unet-steps", "2", "--threads", "1"])
     a, b = weights(trained), weights(unet_only)
     assert a.keys() == b.keys()
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     record = json.loads((unet_only / "training.json").read_text())
     assert record["vae_and_text_encoder_from"]["folder"] == str(trained)
-    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
+    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2, "more_unet": 2}
     assert record["machine"].endswith("(VAE and text encoder loaded, not trained)")
     card = (unet_only / "README.md").read_text()     # names both commands, the full run's first
     assert card.index(f"--out {trained} ") < card.index(f"--vae-and-text-encoder-from {trained}")
@@ -312,7 +323,7 @@ def test_vae_from_run_matches_the_full_run(tmp_path):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     record = json.loads((vae_from / "training.json").read_text())
     assert record["vae_from"]["folder"] == str(full) and record["binding_negatives"] == 0.5
-    assert record["steps"] == {"vae": 2, "decoder": 2, "clip": 2, "unet": 2}
+    assert record["steps"] == {"vae": 2, "decoder": 2, "clip": 2, "unet": 2, "more_unet": 2}
     assert record["machine"].endswith("(VAE loaded; text encoder: one thread)")
     card = (vae_from / "README.md").read_text()
     assert card.index(f"--out {full} ") < card.index(f"--vae-from {full}")
@@ -349,7 +360,7 @@ def test_decoder_finetune_of_a_folder_matches_the_full_run(trained, tmp_path):
     assert {k.split(".")[1] for k in a if not torch.equal(b[k], c[k])} == {"decoder", "post_quant_conv"}
     record = json.loads((finetuned / "training.json").read_text())
     assert record["decoder_finetuned_from"]["folder"] == str(plain)
-    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2}
+    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2, "more_unet": 2}
     card = (finetuned / "README.md").read_text()     # names both commands, the full run's first
     assert card.index(f"--out {plain} ") < card.index(f"--finetune-decoder-of {plain}")
 
@@ -365,6 +376,42 @@ def test_decoder_finetune_refuses_bad_requests(trained, tmp_path, capsys):
         train.main(["--out", str(out), "--finetune-decoder-of", str(trained)])
     assert exit_info.value.code == 2
     assert "already fine-tuned" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_continue_unet_of_a_folder_matches_the_full_run(trained, tmp_path, capsys):
+    # A run without the second U-Net cycle, then --continue-unet-of on its folder, gives the full run's weights
+    # (the full run starts the second cycle from its EMA weights rounded to fp16, as the saved folder holds them).
+    plain, args = tmp_path / "plain", list(ARGS)
+    args[args.index("--more-unet-steps") + 1] = "0"
+    train.main(["--out", str(plain)] + args)
+    more = tmp_path / "more"
+    train.main(["--out", str(more), "--continue-unet-of", str(plain), "--more-unet-steps", "2", "--threads", "1"])
+    a, b, c = weights(trained), weights(more), weights(plain)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert {k.split(".")[0] for k in a if not torch.equal(b[k], c[k])} == {"unet"}
+    assert json.loads((plain / "training.json").read_text())["steps"] == {"vae": 2, "clip": 2, "decoder": 2,
+                                                                          "unet": 2}
+    record = json.loads((more / "training.json").read_text())
+    assert record["unet_continued_from"]["folder"] == str(plain)
+    assert record["steps"] == {"vae": 2, "clip": 2, "decoder": 2, "unet": 2, "more_unet": 2}
+    assert record["seed"] == 3 and record["final_losses"]["more_unet"] > 0
+    card = (more / "README.md").read_text()          # names both commands, the first run's first
+    assert card.index(f"--out {plain} ") < card.index(f"--continue-unet-of {plain}")
+    assert "2 steps, then 2 more" in card
+
+
+def test_continue_unet_refuses_bad_requests(trained, tmp_path, capsys):
+    out = tmp_path / "x"
+    for extra, message in ((["--seed", "1"], "nothing else"), (["--unet-steps", "5"], "nothing else"),
+                           (["--vae-from", str(trained)], "not allowed with")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(out), "--continue-unet-of", str(trained)] + extra)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:      # trained's U-Net already had its second cycle
+        train.main(["--out", str(out), "--continue-unet-of", str(trained)])
+    assert exit_info.value.code == 2
+    assert "already been trained 2 steps more" in capsys.readouterr().err
     assert not out.exists()
 
 
