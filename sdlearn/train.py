@@ -1038,6 +1038,19 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     return folder
 
 
+def stage_record(made: dict, source, command: str, stage: str, from_key: str, losses: list, seconds: float) -> dict:
+    """training.json of a folder made by one more stage run on a saved folder: the saved record, with the new
+    command, the stage's final loss and time, and the saved folder's whole history under from_key (provenance)."""
+    info = copy.deepcopy(made)
+    for key in ("decoder_finetuned_from", "unet_continued_from"):   # told by provenance's made_by from now on
+        info.pop(key, None)
+    info.update(command=command, **{from_key: provenance(source, made)})
+    info["final_losses"][stage] = float(np.mean(losses[-100:])) if losses else None
+    info["seconds"][stage] = round(seconds, 1)
+    info["seconds"]["total"] = round(made["seconds"]["total"] + seconds, 1)
+    return info
+
+
 def check_decoder_not_finetuned(made: dict, source):
     """Refuse a second decoder fine-tune: it would start from the wrong place (and the record could not say so)."""
     if made["steps"].get("decoder"):
@@ -1064,15 +1077,10 @@ def finetune_tinysd_decoder(source, out, steps: int = FULL["decoder_steps"], ove
     vae_psnr = heldout_psnr(pipe.vae, made["scenes"], made["seed"])
     _log(log, f"vae: held-out PSNR {made['vae_heldout_psnr_db']} -> {vae_psnr:.2f} dB after {steps} decoder steps")
 
-    info = copy.deepcopy(made)
-    info.pop("unet_continued_from", None)             # told by provenance's made_by now, with the rest of the history
-    info.update(command=command, vae_heldout_psnr_db=round(vae_psnr, 2),
-                decoder_finetuned_from=provenance(source, made))
+    info = stage_record(made, source, command, "decoder", "decoder_finetuned_from", losses, time.time() - start)
+    info["vae_heldout_psnr_db"] = round(vae_psnr, 2)
     info["steps"] = {"vae": made["steps"]["vae"], "clip": made["steps"]["clip"], "decoder": steps,
                      **{k: made["steps"][k] for k in ("unet", "more_unet") if k in made["steps"]}}
-    info["final_losses"]["decoder"] = float(np.mean(losses[-100:])) if losses else None
-    info["seconds"]["decoder"] = round(time.time() - start, 1)
-    info["seconds"]["total"] = round(made["seconds"]["total"] + info["seconds"]["decoder"], 1)
     folder = save_tinysd(out, pipe.vae, pipe.text_encoder, pipe.unet, overwrite=overwrite, info=info)
     _log(log, f"saved {folder}: {source} with its decoder fine-tuned ({info['seconds']['decoder'] / 60:.1f} min)")
     return folder
@@ -1097,13 +1105,8 @@ def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=p
     _, ema, losses = train_unet(latents, contexts, empty_context, steps=steps, lr=MORE_UNET_LR, seed=made["seed"] + 7,
                                 init=pipe.unet, log=log)
 
-    info = copy.deepcopy(made)
-    info.pop("decoder_finetuned_from", None)          # told by provenance's made_by now, with the rest of the history
-    info.update(command=command, unet_continued_from=provenance(source, made))
+    info = stage_record(made, source, command, "more_unet", "unet_continued_from", losses, time.time() - start)
     info["steps"]["more_unet"] = steps
-    info["final_losses"]["more_unet"] = float(np.mean(losses[-100:])) if losses else None
-    info["seconds"]["more_unet"] = round(time.time() - start, 1)
-    info["seconds"]["total"] = round(made["seconds"]["total"] + info["seconds"]["more_unet"], 1)
     info["machine"] = f"{made['machine']}; the further U-Net steps: {cpu_name()}, {torch.get_num_threads()} thread(s)"
     folder = save_tinysd(out, pipe.vae, pipe.text_encoder, ema, overwrite=overwrite, info=info)
     _log(log, f"saved {folder}: {source} with its U-Net trained {steps} steps more "
