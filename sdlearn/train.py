@@ -1091,7 +1091,8 @@ def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=p
     on the same scenes, latents and contexts, and save it with the VAE and text encoder unchanged.
 
     A fresh optimiser and a second learning-rate cycle peaking at MORE_UNET_LR; batches and noise are drawn from
-    the folder's seed + 7, so they are new ones, not the first cycle's again.
+    the folder's seed + 7, so they are new ones, not the first cycle's again. On the same thread count the U-Net
+    comes out as the one the full run, which runs this stage itself, would give.
     """
     check_output_folder(out, overwrite)
     made = training_record(source)
