@@ -1038,6 +1038,17 @@ def train_tinysd(out, seed: int = 0, scenes: int = FULL["scenes"], vae_steps: in
     return folder
 
 
+def open_saved_folder(source, out, overwrite: bool, refuse):
+    """What a stage run on a saved folder starts from: (its record, its pipeline in fp32, its training scenes and
+    captions), once `out` is known to be free and refuse(record, source) has not objected."""
+    check_output_folder(out, overwrite)
+    made = training_record(source)
+    refuse(made, source)
+    pipe = load_pipeline(source, dtype=torch.float32)
+    images, captions = shapes.dataset(made["scenes"], seed=made["seed"], split="train")
+    return made, pipe, images, captions
+
+
 def stage_record(made: dict, source, command: str, stage: str, from_key: str, losses: list, seconds: float) -> dict:
     """training.json of a folder made by one more stage run on a saved folder: the saved record, with the new
     command, the stage's final loss and time, and the saved folder's whole history under from_key (provenance)."""
@@ -1066,12 +1077,8 @@ def finetune_tinysd_decoder(source, out, steps: int = FULL["decoder_steps"], ove
     its latents, stays valid. With the folder's seed and scenes (read from its training.json) and the same
     thread count, the decoder comes out as the one the full run, which runs this stage itself, would give.
     """
-    check_output_folder(out, overwrite)
-    made = training_record(source)
-    check_decoder_not_finetuned(made, source)
     start = time.time()
-    pipe = load_pipeline(source, dtype=torch.float32)
-    images, _ = shapes.dataset(made["scenes"], seed=made["seed"], split="train")
+    made, pipe, images, _ = open_saved_folder(source, out, overwrite, check_decoder_not_finetuned)
     losses = finetune_decoder(pipe.vae, vae_training_images(images, made["seed"]), steps=steps,
                               seed=made["seed"] + 5, log=log)
     vae_psnr = heldout_psnr(pipe.vae, made["scenes"], made["seed"])
@@ -1086,6 +1093,13 @@ def finetune_tinysd_decoder(source, out, steps: int = FULL["decoder_steps"], ove
     return folder
 
 
+def check_unet_not_continued(made: dict, source):
+    """Refuse a third cycle: the record has room for one, and the recipe has one."""
+    if made["steps"].get("more_unet"):
+        raise ValueError(f"the U-Net of {source} has already been trained {made['steps']['more_unet']} steps more; "
+                         f"give --continue-unet-of the folder it came from")
+
+
 def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=print, command: str = None) -> Path:
     """Stage 3b on a saved TinySD folder: train its U-Net `steps` more, starting from its saved (EMA) weights,
     on the same scenes, latents and contexts, and save it with the VAE and text encoder unchanged.
@@ -1094,12 +1108,8 @@ def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=p
     the folder's seed + 7, so they are new ones, not the first cycle's again. On the same thread count the U-Net
     comes out as the one the full run, which runs this stage itself, would give.
     """
-    check_output_folder(out, overwrite)
-    made = training_record(source)
-    check_unet_not_continued(made, source)
     start = time.time()
-    pipe = load_pipeline(source, dtype=torch.float32)
-    images, captions = shapes.dataset(made["scenes"], seed=made["seed"], split="train")
+    made, pipe, images, captions = open_saved_folder(source, out, overwrite, check_unet_not_continued)
     tokenizer = CLIPTokenizer()
     latents, contexts, empty_context = unet_training_data(pipe.vae, pipe.text_encoder, images, tokenizer(captions),
                                                           tokenizer, made["seed"])
@@ -1113,13 +1123,6 @@ def continue_tinysd_unet(source, out, steps: int, overwrite: bool = False, log=p
     _log(log, f"saved {folder}: {source} with its U-Net trained {steps} steps more "
               f"({info['seconds']['more_unet'] / 60:.1f} min)")
     return folder
-
-
-def check_unet_not_continued(made: dict, source):
-    """Refuse a third cycle: the record has room for one, and the recipe has one."""
-    if made["steps"].get("more_unet"):
-        raise ValueError(f"the U-Net of {source} has already been trained {made['steps']['more_unet']} steps more; "
-                         f"give --continue-unet-of the folder it came from")
 
 
 def cpu_name() -> str:

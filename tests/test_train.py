@@ -379,7 +379,7 @@ def test_decoder_finetune_refuses_bad_requests(trained, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_continue_unet_of_a_folder_matches_the_full_run(trained, tmp_path, capsys):
+def test_continue_unet_of_a_folder_matches_the_full_run(trained, tmp_path):
     # A run without the second U-Net cycle, then --continue-unet-of on its folder, gives the full run's weights
     # (the full run starts the second cycle from its EMA weights rounded to fp16, as the saved folder holds them).
     plain, args = tmp_path / "plain", list(ARGS)
